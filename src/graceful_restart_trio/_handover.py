@@ -1,0 +1,151 @@
+"""The handover protocol between a process and its successor.
+
+Theory of operation
+-------------------
+
+The predecessor starts the successor with these file descriptors (see ``_spawn``):
+
+* fd 3: its end of a private ``AF_UNIX`` stream socket pair, the *channel*;
+* fd 4, 5, ...: the listening sockets, in the order the variable below lists them.
+
+and one environment variable, :data:`ENV_VAR`, holding JSON::
+
+    {"version": 1, "generation": 2, "predecessor": 4242,
+     "channel": 3, "listeners": [["tcp:127.0.0.1:8000", 4], ["unix:/run/app.sock", 5]]}
+
+The successor reads and removes the variable as it starts. It opens its listeners from
+the inherited sockets and, once they accept, writes ``ready\\n`` on the channel. The
+predecessor then stops accepting (the sockets are shared, so nothing queued is lost),
+drains, and exits; its end of the channel closes when it exits, which is how the
+successor learns its predecessor is gone. If the channel closes before ``ready`` came,
+the successor died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from collections.abc import MutableMapping
+from typing import Any, final
+
+import attrs
+import trio
+
+from ._exceptions import InheritanceError
+
+__all__ = ["ENV_VAR", "READY", "Inheritance", "encode", "read_inheritance", "wait_ready"]
+
+ENV_VAR = "GRACEFUL_RESTART_TRIO"
+VERSION = 1
+READY = b"ready\n"
+
+
+@final
+@attrs.frozen
+class Inheritance:
+    """What a successor receives from its predecessor."""
+
+    generation: int
+    predecessor: int
+    channel: socket.socket
+    listeners: list[tuple[str, socket.socket]]
+
+
+def encode(generation: int, predecessor: int, listener_names: list[str]) -> str:
+    """The value of :data:`ENV_VAR` for a successor started with the fd layout above."""
+    listeners = [[name, 4 + index] for index, name in enumerate(listener_names)]
+    return json.dumps(
+        {
+            "version": VERSION,
+            "generation": generation,
+            "predecessor": predecessor,
+            "channel": 3,
+            "listeners": listeners,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _socket(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _int(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InheritanceError(f"{ENV_VAR}: {key!r} is missing or not an integer")
+    return value
+
+
+def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
+    """Read and remove :data:`ENV_VAR`; None when this process is a first start.
+
+    Everything is checked before any socket is taken over, so a malformed variable
+    is never half-applied.
+
+    Raises:
+        InheritanceError: the variable is malformed; the message says how.
+    """
+    raw = environ.get(ENV_VAR)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        raise InheritanceError(f"{ENV_VAR} is not valid JSON: {error}") from None
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        raise InheritanceError(f"{ENV_VAR}: unknown format (expected version {VERSION})")
+    generation = _int(data, "generation")
+    predecessor = _int(data, "predecessor")
+    channel_fd = _int(data, "channel")
+    entries = data.get("listeners")
+    if not isinstance(entries, list):
+        raise InheritanceError(f"{ENV_VAR}: 'listeners' is missing or not a list")
+    for entry in entries:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], int)
+        ):
+            raise InheritanceError(f"{ENV_VAR}: bad listener entry {entry!r}")
+    fds = [channel_fd, *(fd for _, fd in entries)]
+    if min(fds) < 3:
+        raise InheritanceError(f"{ENV_VAR}: file descriptors must be 3 or more: {fds}")
+    if len(set(fds)) != len(fds):
+        raise InheritanceError(f"{ENV_VAR}: file descriptors repeat: {fds}")
+    for fd in fds:
+        try:
+            is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        except (OSError, OverflowError):
+            raise InheritanceError(f"{ENV_VAR}: fd {fd} is not open") from None
+        if not is_socket:
+            raise InheritanceError(f"{ENV_VAR}: fd {fd} is not a socket")
+    del environ[ENV_VAR]
+    return Inheritance(
+        generation=generation,
+        predecessor=predecessor,
+        channel=_socket(channel_fd),
+        listeners=[(name, _socket(fd)) for name, fd in entries],
+    )
+
+
+async def wait_ready(channel: trio.socket.SocketType) -> bool:
+    """Read the channel until the successor says ready (True) or closes it (False)."""
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = await channel.recv(64)
+        if not chunk:
+            return False
+        received += chunk
+    return received == READY
+
+
+async def wait_closed(channel: trio.socket.SocketType) -> None:
+    """Return once the other end of the channel is closed (its process exited)."""
+    while await channel.recv(64):
+        pass

@@ -1,0 +1,230 @@
+"""The listener registry: which listening sockets this process serves, by name.
+
+A listener's *name* is derived from the address it was asked for (``tcp:HOST:PORT``,
+``unix:PATH``) unless the application gives one. The name, not the bound address, is
+what a successor asks for again, so a listener asked for on port 0 comes back on the
+port it got the first time. A first start binds; a successor takes its predecessor's
+socket of the same name; under systemd socket activation the socket is found by its
+``FileDescriptorName=`` or else by its address.
+
+The registry keeps its own copy of every listener (the application gets a ``dup``), so
+the application may close its listeners at any time without losing what the next
+restart hands over.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any, final
+
+import attrs
+import trio
+
+from ._exceptions import ListenerError
+
+__all__ = ["ListenerRegistry", "tcp_name", "unix_name"]
+
+DEFAULT_BACKLOG = 4096
+
+
+def tcp_name(host: str | None, port: int) -> str:
+    """The name of a TCP listener asked for on ``host`` (None: every address) and ``port``."""
+    return f"tcp:{host or '*'}:{port}"
+
+
+def unix_name(path: str) -> str:
+    """The name of a unix-socket listener at ``path``."""
+    return f"unix:{path}"
+
+
+def _is_listening_stream(sock: socket.socket, families: tuple[int, ...]) -> bool:
+    return (
+        sock.family in families
+        and sock.type == socket.SOCK_STREAM
+        and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    )
+
+
+@final
+@attrs.frozen
+class _UnixPath:
+    path: str
+    device: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: str) -> _UnixPath | None:
+        if not path or path.startswith("\0"):  # abstract: nothing on disk
+            return None
+        info = os.stat(path)
+        return cls(path, info.st_dev, info.st_ino)
+
+    def unlink(self) -> None:
+        """Remove the socket file, unless something else has replaced it since."""
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == (self.device, self.inode):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenerError(f"cannot listen on {path}: it exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: left behind by a crash
+            return
+        except OSError as error:
+            if error.errno != errno.ENOENT:
+                raise
+            return
+    raise ListenerError(f"cannot listen on {path}: another process is listening there")
+
+
+@final
+@attrs.define(eq=False)
+class ListenerRegistry:
+    """The listening sockets of this process, by name; what a restart hands over."""
+
+    _inherited: list[tuple[str, socket.socket]] = attrs.field(factory=list)
+    _owned: list[tuple[str, socket.socket]] = attrs.field(factory=list)
+    _unix_paths: list[_UnixPath] = attrs.field(factory=list)
+
+    def _take(self, name: str, matches: Callable[[socket.socket], bool]) -> list[socket.socket]:
+        """Claim the inherited sockets called ``name`` or, failing that, matching by address."""
+        if any(owned == name for owned, _ in self._owned):
+            raise ListenerError(f"a listener named {name!r} is already open")
+        named = [sock for inherited, sock in self._inherited if inherited == name]
+        taken = named or [sock for _, sock in self._inherited if matches(sock)]
+        self._inherited = [(n, s) for n, s in self._inherited if s not in taken]
+        return taken
+
+    def _own(self, name: str, socks: list[socket.socket]) -> list[socket.socket]:
+        self._owned += [(name, sock) for sock in socks]
+        return [sock.dup() for sock in socks]
+
+    async def tcp(
+        self, port: int, host: str | None, backlog: int | None, name: str | None
+    ) -> list[socket.socket]:
+        """Sockets listening on TCP ``host``:``port``: inherited, or bound now."""
+        if not 0 <= port <= 65535:
+            raise ListenerError(f"port must be in 0..65535, not {port}")
+        name = name or tcp_name(host, port)
+        infos = await trio.socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        wanted = {info[4][:2] for info in infos}
+
+        def matches(sock: socket.socket) -> bool:
+            if not _is_listening_stream(sock, (socket.AF_INET, socket.AF_INET6)):
+                return False
+            address = sock.getsockname()[:2]
+            return address in wanted if port else False
+
+        socks = self._take(name, matches)
+        for sock in socks:
+            if not _is_listening_stream(sock, (socket.AF_INET, socket.AF_INET6)):
+                raise ListenerError(f"inherited listener {name!r} is not a listening TCP socket")
+        if not socks:
+            socks = _bind_tcp(infos, backlog or DEFAULT_BACKLOG)
+        return self._own(name, socks)
+
+    def unix(
+        self, path: str, mode: int | None, backlog: int | None, name: str | None
+    ) -> socket.socket:
+        """A socket listening at unix ``path``: inherited, or bound now."""
+        path = os.path.abspath(path) if not path.startswith("\0") else path
+        name = name or unix_name(path)
+
+        def matches(sock: socket.socket) -> bool:
+            return _is_listening_stream(sock, (socket.AF_UNIX,)) and sock.getsockname() == path
+
+        socks = self._take(name, matches)
+        if len(socks) > 1 or (socks and not _is_listening_stream(socks[0], (socket.AF_UNIX,))):
+            raise ListenerError(f"inherited listener {name!r} is not one listening unix socket")
+        if socks:
+            sock = socks[0]
+        else:
+            _remove_stale_unix_socket(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+                if mode is not None:
+                    os.chmod(path, mode)
+                sock.listen(backlog or DEFAULT_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+        unix_path = _UnixPath.of(path)
+        if unix_path is not None:
+            self._unix_paths.append(unix_path)
+        return self._own(name, [sock])[0]
+
+    def custom(self, name: str, create: Callable[[], socket.socket]) -> socket.socket:
+        """The inherited socket called ``name``, or the one ``create()`` makes now."""
+        socks = self._take(name, lambda _: False)
+        if len(socks) > 1:
+            raise ListenerError(f"{len(socks)} sockets were inherited as {name!r}, expected one")
+        return self._own(name, socks or [create()])[0]
+
+    def handover(self) -> list[tuple[str, int]]:
+        """The name and fd of every listener a successor should get."""
+        return [(name, sock.fileno()) for name, sock in self._owned]
+
+    def close_unclaimed(self) -> list[str]:
+        """Close inherited listeners nobody asked for; return their names."""
+        names = [name for name, _ in self._inherited]
+        for _, sock in self._inherited:
+            sock.close()
+        self._inherited = []
+        return names
+
+    def close(self) -> None:
+        """Close every socket the registry holds (never ``shutdown``: others may share them)."""
+        self.close_unclaimed()
+        for _, sock in self._owned:
+            sock.close()
+
+    def unlink_unix_paths(self) -> None:
+        """Remove the socket files of our unix listeners: only on the final stop."""
+        for unix_path in self._unix_paths:
+            unix_path.unlink()
+        self._unix_paths = []
+
+
+def _bind_tcp(infos: Sequence[tuple[Any, ...]], backlog: int) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as error:
+                if error.errno == errno.EAFNOSUPPORT and len(infos) > 1:
+                    continue  # no IPv6 on this machine: serve the other family
+                raise
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as error:
+                raise ListenerError(f"cannot listen on {address}: {error.strerror}") from error
+            sock.listen(backlog)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks

@@ -1,0 +1,56 @@
+"""The pid file: which process is serving right now, written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._exceptions import PidFileError
+
+__all__ = ["check_pid_file", "remove_pid_file", "write_pid_file"]
+
+
+def check_pid_file(path: Path) -> None:
+    """Fail early, naming the problem, if ``path`` can never be written.
+
+    Raises:
+        PidFileError: its directory is missing or is not a directory.
+    """
+    if not path.parent.is_dir():
+        raise PidFileError(f"pid file {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise PidFileError(f"pid file {path} is a directory")
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """Write ``pid`` to ``path`` atomically: a reader sees the old pid or the new one.
+
+    Raises:
+        PidFileError: the file cannot be written; the message says why.
+    """
+    check_pid_file(path)
+    temporary = path.with_name(f".{path.name}.{pid}.tmp")
+    try:
+        with temporary.open("w", encoding="ascii") as file:
+            file.write(f"{pid}\n")
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise PidFileError(f"cannot write pid file {path}: {error}") from error
+
+
+def remove_pid_file(path: Path, pid: int) -> bool:
+    """Remove ``path`` if it still names ``pid``; a successor's file is left alone.
+
+    Returns:
+        Whether the file was removed.
+    """
+    try:
+        if path.read_text(encoding="ascii").strip() != str(pid):
+            return False
+        path.unlink()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return True
