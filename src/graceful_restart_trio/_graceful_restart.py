@@ -147,6 +147,11 @@ class GracefulRestart:
         return self._machine.state
 
     @property
+    def options(self) -> Options:
+        """The options :func:`open` was given, validated."""
+        return self._options
+
+    @property
     def generation(self) -> int:
         """1 for a first start, and one more for each restart since."""
         return self._inheritance.generation if self._inheritance else 1
@@ -231,6 +236,8 @@ class GracefulRestart:
                 name is not a listening TCP socket.
         """
         socks = await self._listeners.tcp(port, host, backlog, name)
+        for sock in socks:
+            self._log.info("listening on tcp %s", _address(sock))
         return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks]
 
     async def open_unix_listener(
@@ -250,6 +257,7 @@ class GracefulRestart:
             ListenerError: something else is at ``path``, or another process listens there.
         """
         sock = self._listeners.unix(path, mode, backlog, name)
+        self._log.info("listening on unix %s", sock.getsockname())
         return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def open_socket(self, name: str, create: Callable[[], socket.socket]) -> socket.socket:
@@ -513,6 +521,11 @@ class GracefulRestart:
         if self._notifier is not None:
             self._notifier.close()
         self._log.info("exiting (%d lease(s) left)", self._leases.count)
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 def _usec(seconds: float) -> int:
