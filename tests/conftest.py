@@ -45,11 +45,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def wait_until(condition: Callable[[], T | None], what: str, timeout: float = TIMEOUT) -> T:
-    """Poll ``condition`` until it returns something other than None/False; return it."""
+    """Poll ``condition`` until it returns something true; return that."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
-        if result is not None and result is not False:
+        if result:
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
@@ -194,14 +194,23 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start servers (``tests/apps/server.py``) and stop every process they leave."""
     started: list[Server] = []
 
-    def start(*args: str, cwd: Path | None = None, command: list[str] | None = None) -> Server:
+    def start(
+        *args: str,
+        cwd: Path | None = None,
+        command: list[str] | None = None,
+        deploy: str = "ok",
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> Server:
+        """Start the test server with ``args``; ``deploy`` is how the first copy behaves."""
         index = len(started)
         pid_file = tmp_path / f"server{index}.pid"
         log_path = tmp_path / f"server{index}.log"
         deploy_file = tmp_path / f"server{index}.deploy"
+        deploy_file.write_text(deploy)
         argv = command or [sys.executable, str(SERVER)]
         argv = [*argv, "--pid-file", str(pid_file), "--deploy-file", str(deploy_file), *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 argv,
@@ -209,8 +218,9 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=cwd or ROOT,
-                env=env,
+                env=environment,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         server = Server(process, pid_file, log_path, deploy_file)
         started.append(server)
@@ -221,23 +231,22 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
 
 def stop_everything(servers: list[Server]) -> None:
-    """SIGKILL every session our servers started, then reap them all."""
-    for _ in range(3):  # a dying generation may have just started a successor
-        for pid in children():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    """SIGKILL every process our servers left (each in a session of its own), and reap them."""
+
+    def kill_and_reap() -> bool:
         for server in servers:
             if server.first.poll() is None:
                 server.first.kill()
-            server.first.wait()
         for pid in children():
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(ProcessLookupError):
+                    kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        return all(server.first.poll() is not None for server in servers) and not children()
+
+    wait_until(kill_and_reap, "every server process to be gone")
 
 
 def free_port() -> int:

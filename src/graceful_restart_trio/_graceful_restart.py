@@ -352,15 +352,17 @@ class GracefulRestart:
             with self._restart_scope:
                 successor = await self._start_successor()
         except RestartError as error:
-            self._log.error("restart failed, still serving: %s", error)
-            self._rollback(f"restart failed: {error}")
+            if self._machine.state is State.RESTARTING:
+                self._log.error("restart failed, still serving: %s", error)
+                self._rollback(f"restart failed: {error}")
             raise
-        except BaseException:
-            self._rollback("restart abandoned")
+        except BaseException:  # cancelled: by shutdown(), or the caller's own scope
+            self._abandon()
             raise
         finally:
             self._restart_scope = None
-        if self._machine.state is not State.RESTARTING:  # shutdown() cancelled the restart
+        if self._machine.state is not State.RESTARTING:
+            self._abandon()
             raise RestartError("restart abandoned: this process is shutting down")
         self._successor = successor.pid
         self._notify(MAINPID=successor.pid, READY=1)
@@ -434,9 +436,15 @@ class GracefulRestart:
         return child
 
     def _rollback(self, status: str) -> None:
+        self._machine.advance(State.SERVING)
+        self._notify(READY=1, STATUS=f"serving; {status}")
+
+    def _abandon(self) -> None:
         if self.state is State.RESTARTING:
-            self._machine.advance(State.SERVING)
-            self._notify(READY=1, STATUS=f"serving; {status}")
+            self._log.warning("restart abandoned, successor stopped")
+            self._rollback("restart abandoned")
+        else:
+            self._log.warning("restart abandoned, successor stopped: shutting down")
 
     def _begin_drain(self, *, handover: bool) -> None:
         self._machine.advance(State.DRAINING)

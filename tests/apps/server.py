@@ -7,6 +7,7 @@ Like a real deployment, what a new copy does is read at start-up from a *deploy 
 ``crash-at-import``    exit with status 3 before opening anything
 ``hang-before-ready``  open the listeners, never say ready
 ``exit-after-ready``   say ready, then exit 4 at once
+``listen-elsewhere``   listen on a listener named ``elsewhere`` instead of the usual one
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
+from hypercorn.config import Config
 
 import graceful_restart_trio as graceful_restart
-from graceful_restart_trio.asgi import Receive, Scope, Send
+from graceful_restart_trio.asgi import Receive, Scope, Send, serve
 from graceful_restart_trio.demo import app
 
 
@@ -31,10 +34,20 @@ def deployed(path: str | None) -> str:
     return Path(path).read_text(encoding="utf-8").strip() or "ok"
 
 
-async def echo(stream: trio.SocketStream) -> None:
-    """Answer each chunk with ``<pid> <chunk>`` until the client closes."""
+async def echo(gr: graceful_restart.GracefulRestart, stream: trio.SocketStream) -> None:
+    """Answer each chunk with ``<pid> <chunk>`` until the client closes.
+
+    The chunk ``restart`` calls ``gr.restart()`` and answers with its outcome.
+    """
     async for chunk in stream:
-        await stream.send_all(f"{os.getpid()} ".encode() + chunk)
+        reply = chunk
+        if chunk.strip() == b"restart":
+            try:
+                answer = f"restarted {await gr.restart()}"
+            except graceful_restart.RestartError as error:
+                answer = f"failed {type(error).__name__}: {error}"
+            reply = answer.encode() + b"\n"
+        await stream.send_all(f"{os.getpid()} ".encode() + reply)
 
 
 async def logged_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -54,19 +67,16 @@ async def main(args: argparse.Namespace, behaviour: str) -> None:
         if args.unix:
             listeners = [await gr.open_unix_listener(args.unix)]
         else:
-            listeners = await gr.open_tcp_listeners(args.port, host="127.0.0.1")
+            name = "elsewhere" if behaviour == "listen-elsewhere" else None
+            listeners = await gr.open_tcp_listeners(args.port, host="127.0.0.1", name=name)
         if behaviour == "hang-before-ready":
             await trio.sleep_forever()
         if behaviour == "exit-after-ready":
             gr.ready()
             sys.exit(4)
         if args.kind == "echo":
-            await gr.serve_listeners(echo, listeners)
+            await gr.serve_listeners(partial(echo, gr), listeners)
         else:
-            from hypercorn.config import Config
-
-            from graceful_restart_trio.asgi import serve
-
             config = Config()
             config.errorlog = logging.getLogger("hypercorn.error")
             await serve(gr, logged_app, listeners, config)

@@ -1,0 +1,61 @@
+"""Developer tasks. ``python -m pip install nox && python -m nox -s tests`` runs the suite."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-trio>=0.8",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6",
+    "trio-websocket>=0.11",
+]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (real processes, signals and sockets on loopback)."""
+    session.install("-e", ".[hypercorn]", *TEST_DEPS)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package, the tests and the benchmarks."""
+    session.install("-e", ".[hypercorn]", "mypy", *TEST_DEPS)
+    session.run("mypy", "--strict", "src", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the demo HTTP server; restart it with kill -HUP, stop it with Ctrl-C."""
+    session.install("-e", ".[demo]")
+    args = session.posargs or ["--port", "8000", "--pid-file", "demo.pid"]
+    session.run("python", "-m", "graceful_restart_trio.demo", *args)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation (Sphinx, API reference from the docstrings)."""
+    session.install("-e", ".[hypercorn]", "sphinx>=7", "myst-parser>=2")
+    session.run("sphinx-build", "-W", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks (ratios against baselines measured in the same run)."""
+    session.install("-e", ".[hypercorn]", "h11")
+    for script in ["lease_micro", "import_time", "server_throughput", "restart_under_load"]:
+        session.run("python", f"benchmarks/{script}.py", *session.posargs)
