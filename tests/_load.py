@@ -14,18 +14,19 @@ connections.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import http.client
 import os
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import attrs
 
-CLIENT_TIMEOUT = 30.0
+CLIENT_TIMEOUT = 10.0
 """Socket timeout of every client operation: a hang is a failure, not a stuck test."""
 
 MAX_FAILURES = 20
@@ -64,9 +65,10 @@ class Client(threading.Thread):
             while self.tally.requests < self._cap and not self._stop_event.wait(self.pause):
                 try:
                     pid = self.once()
-                except Exception as error:  # noqa: BLE001 - every error is a failure to report
+                except Exception as error:
+                    when = datetime.datetime.now().strftime("%H:%M:%S,%f")[:-3]  # as in the log
                     self.tally.failures.append(
-                        f"{self.name}, request {self.tally.requests + 1}: {error!r}"
+                        f"{when} {self.name}, request {self.tally.requests + 1}: {error!r}"
                     )
                     self.reset()
                     if self.stop_on_failure or len(self.tally.failures) >= MAX_FAILURES:
@@ -119,9 +121,7 @@ class HttpKeepAlive(Client):
 
     def __init__(self, name: str, port: int, stop: threading.Event, cap: int) -> None:
         super().__init__(name, port, stop, cap)
-        self.connection = http.client.HTTPConnection(
-            "127.0.0.1", self.port, timeout=CLIENT_TIMEOUT
-        )
+        self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=CLIENT_TIMEOUT)
 
     def once(self) -> int:
         reused = self.connection.sock is not None  # None: closed, the request reconnects
@@ -206,10 +206,9 @@ class Load:
         self.clients = list(clients)
         self._stop = stop
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> None:
         for client in self.clients:
             client.start()
-        return self
 
     def __exit__(
         self,
@@ -332,4 +331,3 @@ class LogTail:
         self._partial = lines.pop()
         self.count += sum(1 for line in lines if self._text in line)
         return self.count
-

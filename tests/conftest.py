@@ -177,7 +177,11 @@ class Server:
         return True
 
     def wait_exit(self, pid: int, timeout: float = TIMEOUT) -> int | None:
-        """Wait for ``pid`` to exit; return its status if we could reap it."""
+        """Wait for ``pid`` to exit; return its status if we could reap it.
+
+        A generation whose parent (the previous generation) is still alive when it exits
+        is reaped by that parent, not by us: its status is then None here.
+        """
         wait_until(lambda: self.exited(pid), f"pid {pid} to exit\n{self.log()}", timeout)
         if pid not in self.exit_codes:  # its parent reaped it: it has been re-parented to us
             with contextlib.suppress(ChildProcessError):

@@ -83,6 +83,7 @@ def test_successor_crashing_at_import_leaves_the_old_serving(start_server: Start
     server.signal(signal.SIGHUP)
     new = server.wait_serving(other_than=old)
     assert answering_pid(http_get(server.port)[1]) == new
+    assert server.wait_exit(old) == 0
     server.signal(signal.SIGTERM)
     assert server.wait_exit(new) == 0
 
@@ -228,6 +229,7 @@ def test_reexec_keeps_dash_m_working_directory_and_environment(start_server: Sta
     assert os.readlink(f"/proc/{new}/cwd") == str(ROOT)
     environ = Path(f"/proc/{new}/environ").read_bytes().split(b"\0")
     assert b"GRACEFUL_TEST_MARK=kept" in environ
+    assert server.wait_exit(old) == 0
     server.signal(signal.SIGTERM, new)
     assert server.wait_exit(new) == 0
 
@@ -273,6 +275,7 @@ def test_successor_gets_only_its_fds_and_default_signals(
     assert not _signal_set(new, "SigIgn") & _bit(signal.SIGUSR2)
     assert _signal_set(new, "SigBlk") == 0
     assert _signal_set(new, "SigCgt") & _bit(signal.SIGHUP)  # handled, not default
+    assert server.wait_exit(old) == 0
     server.signal(signal.SIGTERM, new)
     assert server.wait_exit(new) == 0
 
@@ -287,6 +290,7 @@ def test_each_generation_knows_its_number_and_predecessor(
     for _ in range(generations - 1):
         server.signal(signal.SIGHUP)
         pids.append(server.wait_serving(other_than=pids[-1]))
+        server.wait_exit(pids[-2])
     log = server.log()
     for number, (before, after) in enumerate(itertools.pairwise(pids), start=2):
         assert f"[pid {after}] generation {number}, taking over from {before}" in log

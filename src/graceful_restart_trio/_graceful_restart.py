@@ -55,7 +55,7 @@ from ._handover import (
     wait_ready,
 )
 from ._leases import LeaseCounter
-from ._listeners import ListenerRegistry
+from ._listeners import ListenerRegistry, shared_dup
 from ._options import Options
 from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
 from ._signals import check_main_thread, receive_signals
@@ -81,7 +81,9 @@ class Statistics:
 
     Attributes:
         state: where the process is in its life.
-        leases: how many leases are held (work in flight).
+        leases: how many leases are held: work in flight, where each running server
+            helper (:meth:`GracefulRestart.serve_listeners`, :func:`asgi.serve`) counts
+            as one until its connections are closed.
         generation: 1 for a first start, one more for each restart since.
         pid: this process.
         predecessor: the process this one took over from, or None.
@@ -214,7 +216,7 @@ class GracefulRestart:
     async def wait_predecessor(self) -> None:
         """Return once the predecessor has exited (at once on a first start)."""
         if self._inheritance is not None:
-            channel = trio.socket.from_stdlib_socket(self._inheritance.channel.dup())
+            channel = trio.socket.from_stdlib_socket(shared_dup(self._inheritance.channel))
             with channel:
                 await wait_closed(channel)
 
@@ -277,13 +279,17 @@ class GracefulRestart:
 
         Accepts until this process stops accepting, marks the process :meth:`ready`
         once the accept loops run, and returns when the last handler has finished.
+        The server itself holds one lease while it runs, so the drain also waits for a
+        connection accepted an instant before accepting stopped.
         """
 
         async def leased(stream: trio.SocketStream) -> None:
             async with self._leases:
                 await handler(stream)
 
-        async with trio.open_nursery() as handlers:
+        # The server holds a lease of its own until its last handler is done, so that a
+        # connection accepted just before accepting stopped is drained, not cancelled.
+        async with self._leases, trio.open_nursery() as handlers:
             with self.accepting():
                 async with trio.open_nursery() as acceptors:
                     await acceptors.start(

@@ -26,7 +26,7 @@ import trio
 
 from ._exceptions import ListenerError
 
-__all__ = ["ListenerRegistry", "tcp_name", "unix_name"]
+__all__ = ["ListenerRegistry", "shared_dup", "tcp_name", "unix_name"]
 
 DEFAULT_BACKLOG = 4096
 
@@ -39,6 +39,16 @@ def tcp_name(host: str | None, port: int) -> str:
 def unix_name(path: str) -> str:
     """The name of a unix-socket listener at ``path``."""
     return f"unix:{path}"
+
+
+def shared_dup(sock: socket.socket) -> socket.socket:
+    """A new fd for ``sock`` that leaves the socket's blocking mode alone.
+
+    ``socket.dup()`` calls ``settimeout()``, which sets or clears ``O_NONBLOCK``; that
+    flag lives on the open file, which a predecessor or successor shares: clearing it
+    would leave that process's trio blocked inside ``accept()``.
+    """
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
 
 
 def _is_listening_stream(sock: socket.socket, families: tuple[int, ...]) -> bool:
@@ -113,7 +123,7 @@ class ListenerRegistry:
 
     def _own(self, name: str, socks: list[socket.socket]) -> list[socket.socket]:
         self._owned += [(name, sock) for sock in socks]
-        return [sock.dup() for sock in socks]
+        return [shared_dup(sock) for sock in socks]
 
     async def tcp(
         self, port: int, host: str | None, backlog: int | None, name: str | None

@@ -79,6 +79,9 @@ async def serve(
 ) -> None:
     """Serve ``app`` on ``listeners`` until ``gr`` stops accepting and the requests are done.
 
+    The server holds one lease of ``gr`` while it runs, so the drain waits until hypercorn
+    has finished its own graceful shutdown (or the drain deadline passes).
+
     Args:
         gr: the handle from :func:`graceful_restart_trio.open`.
         app: an ASGI 3 application.
@@ -99,7 +102,9 @@ async def serve(
         for listener in listeners:
             await listener.aclose()
     config.graceful_timeout = gr.options.drain_timeout + 1.0
-    async with trio.open_nursery() as nursery:
+    # hypercorn's own graceful shutdown (answer what was read, close idle keep-alive
+    # connections) must run before the drain ends: the server holds a lease until it has.
+    async with gr.lease(), trio.open_nursery() as nursery:
         await nursery.start(
             partial(
                 hypercorn_serve,
