@@ -47,11 +47,11 @@ from ._exceptions import (
 )
 from ._handover import (
     ENV_VAR,
-    READY,
     Inheritance,
     encode,
     read_inheritance,
-    wait_closed,
+    read_line,
+    send_ready,
     wait_ready,
 )
 from ._leases import LeaseCounter
@@ -213,12 +213,26 @@ class GracefulRestart:
         """
         await self._draining.wait()
 
+    @property
+    def keeper_pid(self) -> int | None:
+        """The pid of the keeper this process runs under (see :mod:`.keeper`), or None."""
+        return self._inheritance.keeper if self._inheritance else None
+
     async def wait_predecessor(self) -> None:
-        """Return once the predecessor has exited (at once on a first start)."""
-        if self._inheritance is not None:
-            channel = trio.socket.from_stdlib_socket(shared_dup(self._inheritance.channel))
-            with channel:
-                await wait_closed(channel)
+        """Return once the predecessor has exited (at once if there is none).
+
+        For example, to take over a resource only one process may hold at a time.
+        """
+        if self.predecessor_pid is None:
+            return
+        try:
+            pidfd = os.pidfd_open(self.predecessor_pid)
+        except ProcessLookupError:
+            return
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
 
     async def open_tcp_listeners(
         self,
@@ -319,10 +333,15 @@ class GracefulRestart:
         if self._inheritance is None:
             self._notify(READY=1, STATUS="serving")
         else:
+            keeper = self.keeper_pid is not None
             try:
-                self._inheritance.channel.sendall(READY)
+                send_ready(
+                    self._inheritance.channel, self._listeners.handover() if keeper else None
+                )
             except OSError as error:
-                self._log.warning("predecessor %d is gone (%s)", self.predecessor_pid, error)
+                self._log.warning("cannot say ready, predecessor gone: %s", error)
+            if keeper:
+                self._nursery.start_soon(self._follow_keeper, self._inheritance.channel)
         if self._notifier is not None and self._watchdog is not None:
             self._nursery.start_soon(self._run_watchdog, self._notifier, self._watchdog)
         self._log.info("serving (generation %d)", self.generation)
@@ -343,6 +362,11 @@ class GracefulRestart:
 
         In every error case this process keeps serving (unless it is shutting down).
         """
+        if self.keeper_pid is not None:
+            raise RestartUnavailableError(
+                f"this process runs under a keeper (pid {self.keeper_pid}): "
+                "send SIGHUP to the keeper to restart"
+            )
         if self.state is not State.SERVING:
             raise RestartUnavailableError(f"cannot restart while {self.state.value}")
         self._machine.advance(State.RESTARTING)
@@ -490,12 +514,26 @@ class GracefulRestart:
             child.close()
         self._log.info("successor %d exited with status %d", child.pid, returncode)
 
+    async def _follow_keeper(self, stdlib_channel: socket.socket) -> None:
+        """Under a keeper: drain when it says a successor took over."""
+        with trio.socket.from_stdlib_socket(shared_dup(stdlib_channel)) as channel:
+            while line := await read_line(channel):
+                command, _, argument = line.decode().partition(" ")
+                if command == "drain" and self.state is State.SERVING:
+                    self._successor = int(argument)
+                    self._log.info("the keeper handed over to %s", argument)
+                    self._begin_drain(handover=True)
+        self._log.warning("the keeper %s is gone", self.keeper_pid)
+
     async def _run_watchdog(self, notifier: Notifier, interval: float) -> None:
         with self._watchdog_scope:
             await run_watchdog(notifier, interval)
 
     def _on_restart_signal(self, sig: int) -> None:
-        if self.state is State.SERVING:
+        if self.keeper_pid is not None:
+            self._log.info("%s: passing it on to the keeper %d", _signal_name(sig), self.keeper_pid)
+            os.kill(self.keeper_pid, signal.SIGHUP)
+        elif self.state is State.SERVING:
             self._nursery.start_soon(self._restart_quietly)
         else:
             self._log.info("%s ignored: %s", _signal_name(sig), self.state.value)

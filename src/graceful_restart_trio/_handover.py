@@ -16,9 +16,14 @@ and one environment variable, :data:`ENV_VAR`, holding JSON::
 The successor reads and removes the variable as it starts. It opens its listeners from
 the inherited sockets and, once they accept, writes ``ready\\n`` on the channel. The
 predecessor then stops accepting (the sockets are shared, so nothing queued is lost),
-drains, and exits; its end of the channel closes when it exits, which is how the
-successor learns its predecessor is gone. If the channel closes before ``ready`` came,
-the successor died.
+drains, and exits. If the channel closes before ``ready`` came, the successor died.
+
+Under a *keeper* (``"keeper": <pid>`` in the variable, see ``_keeper``) the keeper plays
+the predecessor's part for every generation, and "predecessor" may be null. A generation
+then says ready with the names of its listeners, ``ready ["tcp:...", ...]\\n``, and passes
+the listening sockets along (``SCM_RIGHTS``), so that the keeper holds them for the next
+generation; later the keeper tells it ``drain <successor pid>\\n`` when a successor took
+over.
 """
 
 from __future__ import annotations
@@ -35,7 +40,16 @@ import trio
 
 from ._exceptions import InheritanceError
 
-__all__ = ["ENV_VAR", "READY", "Inheritance", "encode", "read_inheritance", "wait_ready"]
+__all__ = [
+    "ENV_VAR",
+    "READY",
+    "Inheritance",
+    "encode",
+    "read_inheritance",
+    "read_line",
+    "send_ready",
+    "wait_ready",
+]
 
 ENV_VAR = "GRACEFUL_RESTART_TRIO"
 VERSION = 1
@@ -48,24 +62,30 @@ class Inheritance:
     """What a successor receives from its predecessor."""
 
     generation: int
-    predecessor: int
+    predecessor: int | None
     channel: socket.socket
     listeners: list[tuple[str, socket.socket]]
+    keeper: int | None = None
 
 
-def encode(generation: int, predecessor: int, listener_names: list[str]) -> str:
+def encode(
+    generation: int,
+    predecessor: int | None,
+    listener_names: list[str],
+    keeper: int | None = None,
+) -> str:
     """The value of :data:`ENV_VAR` for a successor started with the fd layout above."""
     listeners = [[name, 4 + index] for index, name in enumerate(listener_names)]
-    return json.dumps(
-        {
-            "version": VERSION,
-            "generation": generation,
-            "predecessor": predecessor,
-            "channel": 3,
-            "listeners": listeners,
-        },
-        separators=(",", ":"),
-    )
+    data: dict[str, object] = {
+        "version": VERSION,
+        "generation": generation,
+        "predecessor": predecessor,
+        "channel": 3,
+        "listeners": listeners,
+    }
+    if keeper is not None:
+        data["keeper"] = keeper
+    return json.dumps(data, separators=(",", ":"))
 
 
 def _socket(fd: int) -> socket.socket:
@@ -79,6 +99,15 @@ def _int(data: dict[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InheritanceError(f"{ENV_VAR}: {key!r} is missing or not an integer")
     return value
+
+
+def _optional_pid(data: dict[str, Any], key: str) -> int | None:
+    if data.get(key) is None:
+        return None
+    pid = _int(data, key)
+    if pid <= 0:
+        raise InheritanceError(f"{ENV_VAR}: {key!r} is not a pid: {pid}")
+    return pid
 
 
 def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
@@ -100,7 +129,8 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise InheritanceError(f"{ENV_VAR}: unknown format (expected version {VERSION})")
     generation = _int(data, "generation")
-    predecessor = _int(data, "predecessor")
+    predecessor = _optional_pid(data, "predecessor")
+    keeper = _optional_pid(data, "keeper")
     channel_fd = _int(data, "channel")
     entries = data.get("listeners")
     if not isinstance(entries, list):
@@ -131,6 +161,7 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
         predecessor=predecessor,
         channel=_socket(channel_fd),
         listeners=[(name, _socket(fd)) for name, fd in entries],
+        keeper=keeper,
     )
 
 
@@ -145,7 +176,21 @@ async def wait_ready(channel: trio.socket.SocketType) -> bool:
     return received == READY
 
 
-async def wait_closed(channel: trio.socket.SocketType) -> None:
-    """Return once the other end of the channel is closed (its process exited)."""
-    while await channel.recv(64):
-        pass
+def send_ready(channel: socket.socket, listeners: list[tuple[str, int]] | None) -> None:
+    """Say ready; to a keeper (``listeners`` given), with the listening sockets attached."""
+    if listeners is None:
+        channel.sendall(READY)
+        return
+    names = json.dumps([name for name, _ in listeners]).encode()
+    socket.send_fds(channel, [b"ready " + names + b"\n"], [fd for _, fd in listeners])
+
+
+async def read_line(channel: trio.socket.SocketType) -> bytes:
+    """The next line the channel carries (without its newline); b"" once it is closed."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = await channel.recv(1)
+        if not byte:
+            return b""
+        line += byte
+    return line[:-1]
