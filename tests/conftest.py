@@ -143,6 +143,19 @@ class Server:
 
         return wait_until(serving, f"a serving pid other than {other_than}\n{self.log()}")
 
+    def wait_handover(self, old: int) -> int:
+        """Wait until a successor serves and ``old`` stopped accepting; return the new pid.
+
+        The successor writes the pid file as it says ready, a moment before the old copy
+        stops accepting: until then either may answer a new connection.
+        """
+        new = self.wait_serving(other_than=old)
+        wait_until(
+            lambda: f"[pid {old}] stopped accepting" in self.log() or not is_running(old),
+            f"pid {old} to stop accepting\n{self.log()}",
+        )
+        return new
+
     @property
     def port(self) -> int:
         """The TCP port the server listens on (it asked for port 0)."""

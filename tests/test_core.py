@@ -82,7 +82,7 @@ def test_open_outside_the_main_thread_is_refused() -> None:
     def run() -> None:
         try:
             trio.run(body)
-        except BaseException as error:  # noqa: BLE001 - the test inspects it
+        except BaseException as error:
             errors.append(error)
 
     thread = threading.Thread(target=run)
@@ -253,7 +253,7 @@ async def test_serve_listeners_serves_under_leases_until_shutdown() -> None:
         listeners = await gr.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
         nursery.start_soon(gr.serve_listeners, handler, listeners)
-        while gr.state is not State.SERVING:
+        while gr.state is not State.SERVING:  # noqa: ASYNC110 - no event: poll the state
             await trio.sleep(0.001)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
@@ -272,7 +272,7 @@ async def test_restart_signal_before_ready_is_ignored(caplog: pytest.LogCaptureF
     async with graceful_restart.open() as gr:
         signal.raise_signal(signal.SIGHUP)
         with trio.fail_after(30):
-            while "SIGHUP ignored: starting" not in caplog.text:
+            while "SIGHUP ignored: starting" not in caplog.text:  # noqa: ASYNC110 - the log
                 await trio.sleep(0.001)
         assert gr.state is State.STARTING
         gr.shutdown()

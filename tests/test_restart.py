@@ -54,7 +54,7 @@ def test_sighup_hands_over_to_a_new_process(start_server: StartServer) -> None:
         slow = pool.submit(http_get, port, "/sleep?seconds=2")
         wait_until(lambda: "request /sleep started" in server.log(), "the slow request")
         server.signal(signal.SIGHUP)
-        new = server.wait_serving(other_than=old)
+        new = server.wait_handover(old)
         assert is_running(old), "the pid file must name the successor before the old exits"
         assert answering_pid(http_get(port)[1]) == new
         status, body = slow.result()
@@ -81,7 +81,7 @@ def test_successor_crashing_at_import_leaves_the_old_serving(start_server: Start
     assert not is_running(crashed)
     server.deploy("ok")
     server.signal(signal.SIGHUP)
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     assert answering_pid(http_get(server.port)[1]) == new
     assert server.wait_exit(old) == 0
     server.signal(signal.SIGTERM)
@@ -98,7 +98,7 @@ def test_restart_call_returns_the_new_pid_or_raises(start_server: StartServer) -
     assert "status 3" in answer
     server.deploy("ok")
     answer = echo_line(server.port, b"restart\n")
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     assert answer == f"{old} restarted {new}\n"
     assert echo_line(server.port, b"hi\n") == f"{new} hi\n"
     assert server.wait_exit(old) == 0
@@ -128,7 +128,7 @@ def test_sighup_burst_starts_one_restart(start_server: StartServer) -> None:
     old = server.wait_serving()
     for _ in range(20):
         server.signal(signal.SIGHUP, old)
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     assert server.wait_exit(old) == 0
     assert successor_pids(server) == [new]
     assert answering_pid(http_get(server.port)[1]) == new
@@ -162,7 +162,7 @@ def test_successor_comes_up_when_the_old_is_killed_mid_restart(start_server: Sta
     wait_until(lambda: successor_pids(server), "the successor to start")
     server.signal(signal.SIGKILL, old)
     (successor,) = successor_pids(server)
-    assert server.wait_serving(other_than=old) == successor
+    assert server.wait_handover(old) == successor
     assert answering_pid(http_get(port)[1]) == successor
     server.signal(signal.SIGTERM)
     assert server.wait_exit(successor) == 0
@@ -174,7 +174,7 @@ def test_unclaimed_inherited_listener_is_closed_and_reported(start_server: Start
     old = server.wait_serving()
     server.deploy("listen-elsewhere")
     server.signal(signal.SIGHUP)
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     assert "inherited listener tcp:127.0.0.1:0 was not opened again: closed it" in server.log()
     assert server.wait_exit(old) == 0
     server.signal(signal.SIGTERM, new)
@@ -202,7 +202,7 @@ def test_unix_listener_is_handed_over_and_unlinked_on_the_final_stop(
         held.connect(str(path))
         assert ask(b"a\n") == f"{first} a\n"
         server.signal(signal.SIGHUP)
-        second = server.wait_serving(other_than=first)
+        second = server.wait_handover(first)
         assert path.stat().st_ino == inode
         assert ask(b"b\n") == f"{second} b\n"
         held.sendall(b"c\n")
@@ -223,7 +223,7 @@ def test_reexec_keeps_dash_m_working_directory_and_environment(start_server: Sta
     )
     old = server.wait_serving()
     server.signal(signal.SIGHUP)
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     cmdline = Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0")
     assert cmdline[:3] == [sys.executable.encode(), b"-m", b"tests.apps.server"]
     assert os.readlink(f"/proc/{new}/cwd") == str(ROOT)
@@ -269,7 +269,7 @@ def test_successor_gets_only_its_fds_and_default_signals(
         for fd in os.listdir(f"/proc/{old}/fd")
     )
     server.signal(signal.SIGHUP)
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     targets = [os.path.realpath(f"/proc/{new}/fd/{fd}") for fd in os.listdir(f"/proc/{new}/fd")]
     assert str(marker) not in targets
     assert not _signal_set(new, "SigIgn") & _bit(signal.SIGUSR2)
@@ -289,7 +289,7 @@ def test_each_generation_knows_its_number_and_predecessor(
     pids = [server.wait_serving()]
     for _ in range(generations - 1):
         server.signal(signal.SIGHUP)
-        pids.append(server.wait_serving(other_than=pids[-1]))
+        pids.append(server.wait_handover(pids[-1]))
         server.wait_exit(pids[-2])
     log = server.log()
     for number, (before, after) in enumerate(itertools.pairwise(pids), start=2):

@@ -28,8 +28,6 @@ from typing import NamedTuple, TypeVar
 
 import pytest
 
-from graceful_restart_trio._listeners import tcp_name
-
 from .conftest import SERVER, TIMEOUT, Server, answering_pid, http_get, is_running, wait_until
 
 StartServer = Callable[..., Server]
@@ -462,11 +460,6 @@ def test_watchdog_pings_come_from_the_serving_pid(
     assert protocol_violations(said, old) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GracefulRestart.ready starts the successor's watchdog at once, before the old "
-    "main has sent MAINPID=: under NotifyAccess=main systemd drops that ping",
-)
 def test_successor_pings_only_once_it_is_the_main_pid(
     start_server: StartServer, notify: NotifyRecorder
 ) -> None:
@@ -509,11 +502,6 @@ def test_watchdog_for_another_pid_sends_no_pings(
     assert notify.saying("WATCHDOG") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_start_successor drops WATCHDOG_PID from the successor's environment even when "
-    "it names another process, so the successor pings a watchdog that is not its own",
-)
 def test_watchdog_for_another_pid_sends_no_pings_after_a_restart(
     start_server: StartServer, notify: NotifyRecorder
 ) -> None:
@@ -578,28 +566,6 @@ def test_socket_activation_serves_the_passed_socket(
         server.signal(signal.SIGTERM, new)
         assert wait_gone(server, new) == 0
         assert "was not opened again" not in server.log()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="default listener names (tcp:HOST:PORT) contain ':', the LISTEN_FDNAMES "
-    "separator, which systemd's FileDescriptorName= rejects: they can never be matched",
-)
-def test_socket_activation_by_the_default_listener_name(start_server: StartServer) -> None:
-    """LISTEN_FDNAMES=tcp:127.0.0.1:0, the name the server asks for: that socket is served."""
-    with systemd_listener() as sock:
-        port = sock.getsockname()[1]
-        env = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": tcp_name("127.0.0.1", 0)}
-        server = start_server(command=activated(sock), env=env, pass_fds=(sock.fileno(),))
-        wait_until(
-            lambda: server.serving_pid() or server.first.poll() is not None,
-            f"the server to serve or exit\n{server.log()}",
-        )
-        assert server.serving_pid() == server.first.pid, server.log()
-        assert server.port == port
-        assert answering_pid(http_get(port)[1]) == server.first.pid
-        server.signal(signal.SIGTERM, server.first.pid)
-        assert wait_gone(server, server.first.pid) == 0
 
 
 def test_socket_activation_for_another_pid_is_ignored(start_server: StartServer) -> None:

@@ -25,6 +25,7 @@ to systemd, removing the pid file and the unix socket files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ from ._exceptions import (
 )
 from ._handover import (
     ENV_VAR,
+    MAIN,
     Inheritance,
     encode,
     read_inheritance,
@@ -71,7 +73,8 @@ __all__ = ["GracefulRestart", "Statistics", "open"]
 EXIT_GRACE = 5.0
 """Seconds a successor that closed its channel gets to exit by itself before it is killed."""
 
-_NOT_INHERITED = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID", "WATCHDOG_PID")
+_ACTIVATION = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
+_WATCHDOG = ("WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 @final
@@ -330,20 +333,20 @@ class GracefulRestart:
         for name in self._listeners.close_unclaimed():
             self._log.warning("inherited listener %s was not opened again: closed it", name)
         self._machine.advance(State.SERVING)
-        if self._inheritance is None:
+        channel = self._inheritance.channel if self._inheritance else None
+        keeper = self.keeper_pid is not None
+        if channel is None:
             self._notify(READY=1, STATUS="serving")
         else:
-            keeper = self.keeper_pid is not None
             try:
-                send_ready(
-                    self._inheritance.channel, self._listeners.handover() if keeper else None
-                )
+                send_ready(channel, self._listeners.handover() if keeper else None)
             except OSError as error:
                 self._log.warning("cannot say ready, predecessor gone: %s", error)
             if keeper:
-                self._nursery.start_soon(self._follow_keeper, self._inheritance.channel)
-        if self._notifier is not None and self._watchdog is not None:
-            self._nursery.start_soon(self._run_watchdog, self._notifier, self._watchdog)
+                self._nursery.start_soon(self._follow_keeper, channel)
+        if self._notifier is not None and self._watchdog is not None and not keeper:
+            # A successor waits until its predecessor has made it systemd's main process.
+            self._nursery.start_soon(self._run_watchdog, channel)
         self._log.info("serving (generation %d)", self.generation)
 
     async def restart(self) -> int:
@@ -380,7 +383,7 @@ class GracefulRestart:
         self._restart_scope = trio.CancelScope()
         try:
             with self._restart_scope:
-                successor = await self._start_successor()
+                successor, channel = await self._start_successor()
         except RestartError as error:
             if self._machine.state is State.RESTARTING:
                 self._log.error("restart failed, still serving: %s", error)
@@ -396,6 +399,8 @@ class GracefulRestart:
             raise RestartError("restart abandoned: this process is shutting down")
         self._successor = successor.pid
         self._notify(MAINPID=successor.pid, READY=1)
+        with contextlib.suppress(OSError):  # it died already: its own problem now
+            await channel.send(MAIN)
         self._log.info("successor %d is ready: handing over", successor.pid)
         self._begin_drain(handover=True)
         return successor.pid
@@ -419,10 +424,17 @@ class GracefulRestart:
 
     # -- the steps ---------------------------------------------------------------------
 
-    async def _start_successor(self) -> Child:
+    async def _start_successor(self) -> tuple[Child, trio.socket.SocketType]:
         handover = self._listeners.handover()
-        env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
-        env[ENV_VAR] = encode(self.generation + 1, self._pid, [name for name, _ in handover])
+        # The watchdog goes to the successor only if it was ours; it will be main.
+        dropped = _ACTIVATION + (_WATCHDOG if self._watchdog is None else ("WATCHDOG_PID",))
+        env = {k: v for k, v in os.environ.items() if k not in dropped}
+        env[ENV_VAR] = encode(
+            self.generation + 1,
+            self._pid,
+            [name for name, _ in handover],
+            socket_files=self._listeners.socket_files(),
+        )
         command = self._options.command or default_command()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = trio.socket.from_stdlib_socket(ours)
@@ -461,9 +473,9 @@ class GracefulRestart:
                 f"successor {child.pid} exited with status {child.returncode} before it was ready",
                 child.returncode or 0,
             )
-        self._successor_channels.append(channel)  # closes when we exit: the successor sees it
+        self._successor_channels.append(channel)  # closed when we exit
         self._nursery.start_soon(self._reap, child)
-        return child
+        return child, channel
 
     def _rollback(self, status: str) -> None:
         self._machine.advance(State.SERVING)
@@ -501,6 +513,11 @@ class GracefulRestart:
         )
         with trio.move_on_after(self._options.drain_timeout) as deadline:
             await self._leases.wait_idle()
+            if self.predecessor_pid is not None and _is_alive(self.predecessor_pid):
+                # Exit after it, so that a service manager that kills whatever is left
+                # when the main process exits does not cut its drain short.
+                self._log.info("waiting for predecessor %d to finish", self.predecessor_pid)
+                await self.wait_predecessor()
         if deadline.cancelled_caught:
             self._log.warning("drain deadline passed: cancelling %d lease(s)", self._leases.count)
         else:
@@ -525,9 +542,15 @@ class GracefulRestart:
                     self._begin_drain(handover=True)
         self._log.warning("the keeper %s is gone", self.keeper_pid)
 
-    async def _run_watchdog(self, notifier: Notifier, interval: float) -> None:
+    async def _run_watchdog(self, predecessor: socket.socket | None) -> None:
+        """Ping systemd's watchdog, once this process is the main one."""
+        assert self._notifier is not None
+        assert self._watchdog is not None
         with self._watchdog_scope:
-            await run_watchdog(notifier, interval)
+            if predecessor is not None:
+                with trio.socket.from_stdlib_socket(shared_dup(predecessor)) as channel:
+                    await read_line(channel)  # "main", or closed: either way we are main
+            await run_watchdog(self._notifier, self._watchdog)
 
     def _on_restart_signal(self, sig: int) -> None:
         if self.keeper_pid is not None:
@@ -573,6 +596,16 @@ class GracefulRestart:
         if self._notifier is not None:
             self._notifier.close()
         self._log.info("exiting (%d lease(s) left)", self._leases.count)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _address(sock: socket.socket) -> str:
@@ -649,7 +682,9 @@ async def open(
                 log=log,
                 notifier=notifier,
                 inheritance=inheritance,
-                listeners=ListenerRegistry(inherited),
+                listeners=ListenerRegistry(
+                    inherited, inheritance.socket_files if inheritance else frozenset()
+                ),
                 watchdog=watchdog_interval(os.environ, pid),
             )
             handlers: dict[Any, Callable[[Any], None]] = {}

@@ -10,8 +10,12 @@ The predecessor starts the successor with these file descriptors (see ``_spawn``
 
 and one environment variable, :data:`ENV_VAR`, holding JSON::
 
-    {"version": 1, "generation": 2, "predecessor": 4242,
-     "channel": 3, "listeners": [["tcp:127.0.0.1:8000", 4], ["unix:/run/app.sock", 5]]}
+    {"version": 1, "generation": 2, "predecessor": 4242, "channel": 3,
+     "listeners": [["tcp:127.0.0.1:8000", 4], ["unix:/run/app.sock", 5]],
+     "socket_files": ["unix:/run/app.sock"]}
+
+(``socket_files``: the unix listeners whose socket file the library created, and which
+the last generation removes when it stops for good; a file systemd made is not listed.)
 
 The successor reads and removes the variable as it starts. It opens its listeners from
 the inherited sockets and, once they accept, writes ``ready\\n`` on the channel. The
@@ -24,6 +28,10 @@ then says ready with the names of its listeners, ``ready ["tcp:...", ...]\\n``, 
 the listening sockets along (``SCM_RIGHTS``), so that the keeper holds them for the next
 generation; later the keeper tells it ``drain <successor pid>\\n`` when a successor took
 over.
+
+Without a keeper, once the predecessor has told systemd that the successor is the main
+process (``MAINPID=``), it writes ``main\\n`` on the channel: only then may the successor
+speak to systemd as the main process (the watchdog pings, say).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from ._exceptions import InheritanceError
 
 __all__ = [
     "ENV_VAR",
+    "MAIN",
     "READY",
     "Inheritance",
     "encode",
@@ -54,6 +63,7 @@ __all__ = [
 ENV_VAR = "GRACEFUL_RESTART_TRIO"
 VERSION = 1
 READY = b"ready\n"
+MAIN = b"main\n"
 
 
 @final
@@ -66,6 +76,7 @@ class Inheritance:
     channel: socket.socket
     listeners: list[tuple[str, socket.socket]]
     keeper: int | None = None
+    socket_files: frozenset[str] = frozenset()
 
 
 def encode(
@@ -73,6 +84,7 @@ def encode(
     predecessor: int | None,
     listener_names: list[str],
     keeper: int | None = None,
+    socket_files: list[str] | None = None,
 ) -> str:
     """The value of :data:`ENV_VAR` for a successor started with the fd layout above."""
     listeners = [[name, 4 + index] for index, name in enumerate(listener_names)]
@@ -82,6 +94,7 @@ def encode(
         "predecessor": predecessor,
         "channel": 3,
         "listeners": listeners,
+        "socket_files": socket_files or [],
     }
     if keeper is not None:
         data["keeper"] = keeper
@@ -132,6 +145,9 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
     predecessor = _optional_pid(data, "predecessor")
     keeper = _optional_pid(data, "keeper")
     channel_fd = _int(data, "channel")
+    socket_files = data.get("socket_files", [])
+    if not isinstance(socket_files, list) or not all(isinstance(n, str) for n in socket_files):
+        raise InheritanceError(f"{ENV_VAR}: 'socket_files' is not a list of names")
     entries = data.get("listeners")
     if not isinstance(entries, list):
         raise InheritanceError(f"{ENV_VAR}: 'listeners' is missing or not a list")
@@ -162,6 +178,7 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
         channel=_socket(channel_fd),
         listeners=[(name, _socket(fd)) for name, fd in entries],
         keeper=keeper,
+        socket_files=frozenset(socket_files),
     )
 
 

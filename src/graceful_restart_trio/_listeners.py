@@ -109,8 +109,12 @@ class ListenerRegistry:
     """The listening sockets of this process, by name; what a restart hands over."""
 
     _inherited: list[tuple[str, socket.socket]] = attrs.field(factory=list)
+    _inherited_files: frozenset[str] = frozenset()
+    """Names of inherited unix listeners whose socket file this library created."""
     _owned: list[tuple[str, socket.socket]] = attrs.field(factory=list)
-    _unix_paths: list[_UnixPath] = attrs.field(factory=list)
+    _unix_paths: dict[str, _UnixPath] = attrs.field(factory=dict)
+    """Socket files to remove on the final stop, by listener name: only those we created
+    (a socket file systemd created is systemd's to remove)."""
 
     def _take(self, name: str, matches: Callable[[socket.socket], bool]) -> list[socket.socket]:
         """Claim the inherited sockets called ``name`` or, failing that, matching by address."""
@@ -166,7 +170,9 @@ class ListenerRegistry:
             raise ListenerError(f"inherited listener {name!r} is not one listening unix socket")
         if socks:
             sock = socks[0]
+            ours = name in self._inherited_files
         else:
+            ours = True
             _remove_stale_unix_socket(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -177,9 +183,9 @@ class ListenerRegistry:
             except BaseException:
                 sock.close()
                 raise
-        unix_path = _UnixPath.of(path)
+        unix_path = _UnixPath.of(path) if ours else None
         if unix_path is not None:
-            self._unix_paths.append(unix_path)
+            self._unix_paths[name] = unix_path
         return self._own(name, [sock])[0]
 
     def custom(self, name: str, create: Callable[[], socket.socket]) -> socket.socket:
@@ -192,6 +198,10 @@ class ListenerRegistry:
     def handover(self) -> list[tuple[str, int]]:
         """The name and fd of every listener a successor should get."""
         return [(name, sock.fileno()) for name, sock in self._owned]
+
+    def socket_files(self) -> list[str]:
+        """Names of the unix listeners whose socket file is ours to remove in the end."""
+        return sorted(self._unix_paths)
 
     def close_unclaimed(self) -> list[str]:
         """Close inherited listeners nobody asked for; return their names."""
@@ -209,9 +219,9 @@ class ListenerRegistry:
 
     def unlink_unix_paths(self) -> None:
         """Remove the socket files of our unix listeners: only on the final stop."""
-        for unix_path in self._unix_paths:
+        for unix_path in self._unix_paths.values():
             unix_path.unlink()
-        self._unix_paths = []
+        self._unix_paths = {}
 
 
 def _bind_tcp(infos: Sequence[tuple[Any, ...]], backlog: int) -> list[socket.socket]:
