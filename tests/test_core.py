@@ -134,9 +134,9 @@ async def test_statistics_of_a_first_start() -> None:
         gr.ready()
         assert gr.state is State.SERVING
         gr.ready()  # a second ready() changes nothing
-        assert gr.state is State.SERVING
+        assert gr.statistics().state is State.SERVING
         gr.shutdown()
-    assert gr.state is State.STOPPED
+    assert gr.statistics().state is State.STOPPED
 
 
 async def test_shutdown_waits_for_leases_then_ends_the_body(
