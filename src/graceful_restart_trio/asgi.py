@@ -15,20 +15,23 @@ What it adds to ``hypercorn.trio.serve``: it serves the listeners ``gr`` hands o
 each HTTP request and WebSocket connection holds a lease; once this process stops
 accepting, every response carries ``Connection: close`` and idle keep-alive
 connections are closed, so well-behaved clients move to the successor; the process is
-marked ready once hypercorn accepts.
+marked ready once hypercorn accepts. It uses hypercorn's trio connection handling
+(``TCPServer``, ``Lifespan``), which is why the supported hypercorn versions are pinned.
 """
 
 from __future__ import annotations
 
-import copy
-import os
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from functools import partial
 from typing import Any, cast
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
 
 from ._graceful_restart import GracefulRestart
 from ._state import State
@@ -79,38 +82,56 @@ async def serve(
 ) -> None:
     """Serve ``app`` on ``listeners`` until ``gr`` stops accepting and the requests are done.
 
-    The server holds one lease of ``gr`` while it runs, so the drain waits until hypercorn
-    has finished its own graceful shutdown (or the drain deadline passes).
+    This is hypercorn's trio worker with the accept loop under :meth:`GracefulRestart.accepting`.
+    hypercorn's own shutdown is not used: it closes every connection that has no request
+    *parsed* yet, including one that was just accepted and whose request is still on the
+    wire, which a client sees as a failed request. Here, when the process stops accepting,
+    the connections it has go on: each next response carries ``Connection: close``, and
+    idle keep-alive connections close after ``config.keep_alive_timeout`` (5 s by
+    default), the moment RFC 9112 lets a client retry elsewhere. The server holds one
+    lease of ``gr`` until its last connection is closed (or the drain deadline passes).
 
     Args:
         gr: the handle from :func:`graceful_restart_trio.open`.
         app: an ASGI 3 application.
         listeners: from :meth:`GracefulRestart.open_tcp_listeners` or
-            :meth:`GracefulRestart.open_unix_listener`. ``serve`` takes them over and
-            closes them when it returns.
-        config: hypercorn settings; its ``bind`` is replaced by ``listeners``, and its
-            ``graceful_timeout`` is raised to outlast ``drain_timeout`` (the drain deadline
-            of ``gr`` is the one that counts).
+            :meth:`GracefulRestart.open_unix_listener`; closed when accepting stops.
+        config: hypercorn settings (``bind`` is ignored: ``listeners`` are served). With
+            ``certfile``/``keyfile`` set, the listeners speak TLS.
     """
-    config = copy.copy(config) if config is not None else Config()
-    config.bind = []
-    try:
-        for listener in listeners:
-            # hypercorn takes ownership of the fd it is given and closes it: give it a copy.
-            config.bind.append(f"fd://{os.dup(listener.socket.fileno())}")
-    finally:
-        for listener in listeners:
-            await listener.aclose()
-    config.graceful_timeout = gr.options.drain_timeout + 1.0
-    # hypercorn's own graceful shutdown (answer what was read, close idle keep-alive
-    # connections) must run before the drain ends: the server holds a lease until it has.
-    async with gr.lease(), trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(
-                hypercorn_serve,
-                cast(Any, lease_app(gr, app)),  # hypercorn's own ASGI types are stricter
-                config,
-                shutdown_trigger=gr.wait_draining,
-            )
-        )
-        gr.ready()
+    config = config if config is not None else Config()
+    wrapped = cast(Any, wrap_app(cast(Any, lease_app(gr, app)), config.wsgi_max_body_size, None))
+    served: list[trio.abc.Listener[Any]] = list(listeners)
+    tls = config.create_ssl_context() if config.ssl_enabled else None
+    if tls is not None:
+        served = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    worker = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        connection = partial(TCPServer, wrapped, config, worker, ConnectionState(lifespan_state))
+        async with gr.lease(), trio.open_nursery() as connections:
+            with gr.accepting():
+                async with trio.open_nursery() as acceptors:
+                    await acceptors.start(
+                        partial(
+                            trio.serve_listeners,
+                            connection,
+                            served,
+                            handler_nursery=connections,
+                        )
+                    )
+                    for listener in served:
+                        await config.log.info(f"Running on {_describe(listener)}")
+                    gr.ready()
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+def _describe(listener: trio.abc.Listener[Any]) -> str:
+    scheme = "https" if isinstance(listener, trio.SSLListener) else "http"
+    inner = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
+    address = inner.socket.getsockname() if isinstance(inner, trio.SocketListener) else "?"
+    return f"{scheme}://{address}"
