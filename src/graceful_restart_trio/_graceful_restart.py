@@ -141,7 +141,7 @@ class GracefulRestart:
     _watchdog_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _shutdown_requests: int = 0
     _successor: int | None = None
-    _successor_channels: list[trio.socket.SocketType] = attrs.field(factory=list)
+    _successor_channel: trio.socket.SocketType | None = None
     _pid: int = attrs.field(factory=os.getpid)
 
     # -- what the application asks -------------------------------------------------------
@@ -473,7 +473,7 @@ class GracefulRestart:
                 f"successor {child.pid} exited with status {child.returncode} before it was ready",
                 child.returncode or 0,
             )
-        self._successor_channels.append(channel)  # closed when we exit
+        self._successor_channel = channel  # closed when we exit
         self._nursery.start_soon(self._reap, child)
         return child, channel
 
@@ -589,8 +589,8 @@ class GracefulRestart:
             self._listeners.unlink_unix_paths()
             if self._options.pid_file is not None:
                 remove_pid_file(self._options.pid_file, self._pid)
-        for channel in self._successor_channels:
-            channel.close()
+        if self._successor_channel is not None:
+            self._successor_channel.close()
         if self._inheritance is not None:
             self._inheritance.channel.close()
         if self._notifier is not None:
