@@ -308,8 +308,19 @@ async def test_unix_listener_replaces_a_stale_socket_file(tmp_path: Path) -> Non
         listener = await gr.open_unix_listener(str(path))
         assert path.exists()
         await listener.aclose()
+        gr.ready()
         gr.shutdown()
     assert not path.exists()
+
+
+async def test_a_process_that_never_served_leaves_the_socket_file(tmp_path: Path) -> None:
+    """Shut down before ready (a failed successor, say): the socket file is not removed."""
+    path = tmp_path / "app.sock"
+    async with graceful_restart.open() as gr:
+        listener = await gr.open_unix_listener(str(path))
+        await listener.aclose()
+        gr.shutdown()
+    assert path.exists()
 
 
 async def test_unix_listener_refuses_a_path_in_use(tmp_path: Path) -> None:

@@ -141,6 +141,7 @@ class GracefulRestart:
     _watchdog_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _shutdown_requests: int = 0
     _successor: int | None = None
+    _served: bool = False
     _successor_channel: trio.socket.SocketType | None = None
     _pid: int = attrs.field(factory=os.getpid)
 
@@ -330,6 +331,7 @@ class GracefulRestart:
             return
         if self._options.pid_file is not None:
             write_pid_file(self._options.pid_file, self._pid)
+        self._served = True
         for name in self._listeners.close_unclaimed():
             self._log.warning("inherited listener %s was not opened again: closed it", name)
         self._machine.advance(State.SERVING)
@@ -497,7 +499,8 @@ class GracefulRestart:
         if handover:
             self._watchdog_scope.cancel()  # the successor is systemd's main process now
         else:
-            self._listeners.unlink_unix_paths()
+            if self._served:  # one that never served must not remove the server's files
+                self._listeners.unlink_unix_paths()
             self._notify(
                 STOPPING=1,
                 STATUS=f"draining {self._leases.count} lease(s)",
@@ -585,10 +588,8 @@ class GracefulRestart:
             self._machine.advance(State.DRAINING)
         self._machine.advance(State.STOPPED)
         self._listeners.close()
-        if self._successor is None:
-            self._listeners.unlink_unix_paths()
-            if self._options.pid_file is not None:
-                remove_pid_file(self._options.pid_file, self._pid)
+        if self._successor is None and self._options.pid_file is not None:
+            remove_pid_file(self._options.pid_file, self._pid)  # only if it still names us
         if self._successor_channel is not None:
             self._successor_channel.close()
         if self._inheritance is not None:
@@ -666,9 +667,9 @@ async def open(
     if inheritance is not None:
         inherited = inheritance.listeners
         log.info(
-            "generation %d, taking over from %d with %d listener(s)",
+            "generation %d, taking over from %s with %d listener(s)",
             inheritance.generation,
-            inheritance.predecessor,
+            inheritance.predecessor or f"nobody (under keeper {inheritance.keeper})",
             len(inherited),
         )
     else:

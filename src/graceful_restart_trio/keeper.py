@@ -1,0 +1,101 @@
+"""The keeper: run an application under a supervising process whose pid never changes.
+
+For process managers that follow one pid (docker or Kubernetes PID 1, supervisord,
+runit, systemd ``Type=simple``)::
+
+    graceful-restart-keeper --pid-file /run/app.pid -- python -m myapp --port 8000
+    python -m graceful_restart_trio.keeper -- python -m myapp --port 8000
+
+``kill -HUP <keeper pid>`` starts a new generation of the application with the listening
+sockets, waits until it is ready, and drains the old one; ``kill -TERM`` drains and
+exits with the application's status. The application is the same program as without a
+keeper (it uses :func:`graceful_restart_trio.open`); the library notices the keeper.
+See :class:`Keeper` for the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from ._exceptions import GracefulRestartError
+from ._keeper import LOGGER, Keeper, KeeperStatistics, Phase
+
+__all__ = ["Keeper", "KeeperStatistics", "Phase", "main"]
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return seconds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graceful-restart-keeper",
+        usage="%(prog)s [--pid-file F] [--ready-timeout S] [--log-level L] -- command args...",
+        description="Run an application built on graceful_restart_trio under a process "
+        "with a stable pid: SIGHUP restarts the application without losing a connection, "
+        "SIGTERM/SIGINT drain it and exit with its status.",
+    )
+    parser.add_argument("--pid-file", type=Path, help="write the keeper's pid here")
+    parser.add_argument(
+        "--ready-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="seconds a new generation gets to say ready (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="the keeper's log level (default: %(default)s)",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the keeper from the command line; return its exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if "--" in arguments:  # everything after the first "--" belongs to the application
+        split = arguments.index("--")
+        options = parser.parse_args(arguments[:split])
+        command = arguments[split + 1 :]
+    else:
+        options = parser.parse_args(arguments)
+        command = options.command
+    if not command:
+        parser.error("no command to run: give it after '--'")
+    logging.basicConfig(
+        level=options.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    keeper = Keeper(command, ready_timeout=options.ready_timeout, pid_file=options.pid_file)
+    try:
+        return trio.run(keeper.run)
+    except GracefulRestartError as error:
+        logging.getLogger(LOGGER).critical("%s", error)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
