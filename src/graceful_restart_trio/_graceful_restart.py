@@ -31,7 +31,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, final
@@ -58,6 +58,7 @@ from ._handover import (
 )
 from ._leases import LeaseCounter
 from ._listeners import ListenerRegistry, shared_dup
+from ._logging import PrefixLog
 from ._options import Options
 from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
 from ._signals import check_main_thread, receive_signals
@@ -101,15 +102,6 @@ class Statistics:
     successor: int | None
 
 
-class _PidLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(
-        self,
-        msg: Any,  # noqa: ANN401 - the signature logging.LoggerAdapter gives
-        kwargs: MutableMapping[str, Any],
-    ) -> tuple[Any, Any]:
-        return f"[pid {os.getpid()}] {msg}", kwargs
-
-
 @final
 @attrs.define(eq=False)
 class GracefulRestart:
@@ -128,7 +120,7 @@ class GracefulRestart:
 
     _options: Options
     _nursery: trio.Nursery
-    _log: logging.LoggerAdapter  # type: ignore[type-arg]
+    _log: PrefixLog
     _notifier: Notifier | None
     _inheritance: Inheritance | None
     _listeners: ListenerRegistry
@@ -661,7 +653,7 @@ async def open(
     if settings.pid_file is not None:
         check_pid_file(settings.pid_file)
     pid = os.getpid()
-    log = _PidLog(logging.getLogger(settings.logger), {})
+    log = PrefixLog(logging.getLogger(settings.logger), f"[pid {pid}]")
     notifier = Notifier.from_environ(os.environ) if settings.systemd else None
     inheritance = read_inheritance(os.environ)
     if inheritance is not None:

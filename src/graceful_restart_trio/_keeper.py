@@ -27,20 +27,11 @@ its children:
    generation exits by itself, the keeper stops: it passes ``SIGTERM`` to the draining
    generations, gives them :data:`EXIT_GRACE` seconds, and exits with that status.
 
-The keeper's phases::
-
-    STARTING ──ready──▶ SERVING ◀───handover, or failed───┐
-        │                 │  └─────────SIGHUP────────▶ RESTARTING
-        │                 │                               │
-        └─────────────────┴────────▶ STOPPING ◀───────────┘
-                                        │ every generation has exited
-                                        ▼
-                                     STOPPED
-
-(``STOPPING`` is reached by a stop signal, or when the serving generation exits by
-itself; the first generation never becoming ready counts as that.)
-
-A transition not in :data:`TRANSITIONS` raises :class:`UsageError` at once.
+The keeper goes through the same :class:`State` table as an application process
+(``_state``): ``STARTING``, ``SERVING`` once generation 1 is ready, ``RESTARTING`` while a
+new generation starts, ``DRAINING`` once it stops (a stop signal, or the serving
+generation exited by itself, or generation 1 never became ready) until every generation
+has exited, then ``STOPPED``.
 
 The application is unchanged under a keeper: the library notices ``"keeper"`` in what it
 inherits, says ready with its sockets, drains on ``drain``, and passes ``SIGHUP`` on.
@@ -50,27 +41,29 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import enum
 import json
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, final
+from typing import final
 
 import attrs
 import trio
 
 from ._exceptions import UsageError
 from ._handover import ENV_VAR, encode
+from ._logging import PrefixLog
+from ._options import ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
 from ._signals import receive_signals
 from ._spawn import Child, spawn, startup_directory
+from ._state import State, StateMachine
 from ._systemd import Notifier, monotonic_usec, run_watchdog, watchdog_interval
 
-__all__ = ["EXIT_GRACE", "TRANSITIONS", "Generation", "Keeper", "KeeperStatistics", "Phase"]
+__all__ = ["EXIT_GRACE", "Generation", "Keeper", "KeeperStatistics"]
 
 LOGGER = "graceful_restart_trio.keeper"
 
@@ -83,28 +76,6 @@ _MAX_FDS = 253
 """``SCM_MAX_FD``: the most file descriptors one message can carry."""
 _NOT_INHERITED = ("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
 """The keeper is systemd's main process: these are its own, never a generation's."""
-
-
-class Phase(enum.Enum):
-    """Where the keeper is in its life. See the module docstring for the transitions."""
-
-    STARTING = "starting"
-    SERVING = "serving"
-    RESTARTING = "restarting"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-    def __repr__(self) -> str:
-        return f"Phase.{self.name}"
-
-
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    Phase.STARTING: frozenset({Phase.SERVING, Phase.STOPPING}),
-    Phase.SERVING: frozenset({Phase.RESTARTING, Phase.STOPPING}),
-    Phase.RESTARTING: frozenset({Phase.SERVING, Phase.STOPPING}),
-    Phase.STOPPING: frozenset({Phase.STOPPED}),
-    Phase.STOPPED: frozenset(),
-}
 
 
 class _NotReadyError(Exception):
@@ -244,7 +215,7 @@ class KeeperStatistics:
         listeners: the names of the listening sockets the keeper holds.
     """
 
-    phase: Phase
+    state: State
     pid: int
     serving: int | None
     starting: int | None
@@ -257,20 +228,6 @@ def _command_list(command: Sequence[str]) -> list[str]:
     if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
         raise ValueError(f"command must be a non-empty list of strings, not {command!r}")
     return list(command)
-
-
-def _check_ready_timeout(_instance: object, _attribute: object, seconds: float) -> None:
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"ready_timeout must be a positive number of seconds, not {seconds}")
-
-
-class _KeeperLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(
-        self,
-        msg: Any,  # noqa: ANN401 - the signature logging.LoggerAdapter gives
-        kwargs: MutableMapping[str, Any],
-    ) -> tuple[Any, Any]:
-        return f"[keeper {os.getpid()}] {msg}", kwargs
 
 
 @final
@@ -293,12 +250,12 @@ class Keeper:
     """
 
     command: list[str] = attrs.field(converter=_command_list)
-    ready_timeout: float = attrs.field(default=60.0, validator=_check_ready_timeout)
+    ready_timeout: float = attrs.field(default=60.0, converter=ready_seconds)
     pid_file: Path | None = None
-    _log: logging.LoggerAdapter = attrs.field(  # type: ignore[type-arg]
-        init=False, factory=lambda: _KeeperLog(logging.getLogger(LOGGER), {})
+    _log: PrefixLog = attrs.field(
+        init=False, factory=lambda: PrefixLog(logging.getLogger(LOGGER), f"[keeper {os.getpid()}]")
     )
-    _phase: Phase = attrs.field(init=False, default=Phase.STARTING)
+    _machine: StateMachine = attrs.field(init=False, factory=StateMachine)
     _pid: int = attrs.field(init=False, factory=os.getpid)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _notifier: Notifier | None = attrs.field(init=False, default=None)
@@ -312,16 +269,18 @@ class Keeper:
     _stopped: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     @property
-    def phase(self) -> Phase:
-        """Where the keeper is in its life (see :class:`Phase`)."""
-        return self._phase
+    def state(self) -> State:
+        """Where the keeper is in its life (see :class:`State`)."""
+        return self._machine.state
 
     def statistics(self) -> KeeperStatistics:
-        """A snapshot of the phase, the generations and the listeners held."""
-        serving = self._serving if self._phase is not Phase.STARTING else None
-        starting = self._starting or (self._serving if self._phase is Phase.STARTING else None)
+        """A snapshot of the state, the generations and the listeners held."""
+        serving = self._serving if self._machine.state is not State.STARTING else None
+        starting = self._starting or (
+            self._serving if self._machine.state is State.STARTING else None
+        )
         return KeeperStatistics(
-            phase=self._phase,
+            state=self._machine.state,
             pid=self._pid,
             serving=serving.pid if serving is not None and serving.status is None else None,
             starting=starting.pid if starting is not None and starting.status is None else None,
@@ -342,7 +301,7 @@ class Keeper:
             PidFileError: the pid file cannot be written.
             UsageError: the keeper was run before.
         """
-        if self._nursery is not None or self._phase is not Phase.STARTING:
+        if self._nursery is not None or self._machine.state is not State.STARTING:
             raise UsageError("a Keeper runs once")
         _become_subreaper()
         if self.pid_file is not None:
@@ -385,24 +344,24 @@ class Keeper:
         listeners = await self._wait_ready(first)
         if listeners is None:
             self._begin_stop(f"{first} never became ready")
-        elif self._phase is Phase.STARTING:
+        elif self._machine.state is State.STARTING:
             self._listeners = listeners
-            self._advance(Phase.SERVING)
+            self._machine.advance(State.SERVING)
             self._notify(READY=1, STATUS=f"serving: {first}")
             self._log.info("%s serving", first)
         else:
             _close_listeners(listeners)  # stopping: it was told so too
 
     def _on_restart_signal(self, sig: signal.Signals) -> None:
-        if self._phase is not Phase.SERVING:
-            self._log.info("%s ignored: %s", sig.name, self._phase.value)
+        if self._machine.state is not State.SERVING:
+            self._log.info("%s ignored: %s", sig.name, self._machine.state.value)
             return
-        self._advance(Phase.RESTARTING)  # now, so that a burst of signals restarts once
+        self._machine.advance(State.RESTARTING)  # now, so that a burst of signals restarts once
         self._tasks().start_soon(self._restart)
 
     async def _restart(self) -> None:
         old = self._serving
-        if self._phase is not Phase.RESTARTING or old is None:  # a stop came first
+        if self._machine.state is not State.RESTARTING or old is None:  # a stop came first
             return
         self._log.info("restart requested: %s serves, starting its successor", old)
         self._notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="restarting")
@@ -418,7 +377,10 @@ class Keeper:
                 listeners = await self._wait_ready(new)
             finally:
                 self._starting = None
-        if self._phase in (Phase.STOPPING, Phase.STOPPED):  # the new one was told to stop too
+        if self._machine.state in (
+            State.DRAINING,
+            State.STOPPED,
+        ):  # the new one was told to stop too
             if listeners is not None:
                 self._log.info("%s is ready, but the keeper is stopping: no handover", new)
                 _close_listeners(listeners)
@@ -427,14 +389,14 @@ class Keeper:
             if old.status is not None:
                 self._stop_by_itself(old)
                 return
-            self._advance(Phase.SERVING)
+            self._machine.advance(State.SERVING)
             self._notify(READY=1, STATUS=f"serving: {old}; restart failed")
             self._log.error("restart failed: %s serves on", old)
             return
         _close_listeners(self._listeners)
         self._listeners = listeners
         self._serving = new
-        self._advance(Phase.SERVING)
+        self._machine.advance(State.SERVING)
         self._notify(READY=1, STATUS=f"serving: {new}")
         if old.status is not None:
             self._log.info("%s serving; %s had already exited", new, old)
@@ -457,15 +419,15 @@ class Keeper:
 
     def _begin_stop(self, reason: str) -> None:
         """Enter STOPPING (once); the keeper ends when no generation is left."""
-        if self._phase not in (Phase.STOPPING, Phase.STOPPED):
-            self._advance(Phase.STOPPING)
+        if self._machine.state not in (State.DRAINING, State.STOPPED):
+            self._machine.advance(State.DRAINING)
             self._notify(STOPPING=1, STATUS=f"stopping: {reason}")
             self._log.info("stopping: %s", reason)
         self._check_stopped()
 
     def _check_stopped(self) -> None:
-        if self._phase is Phase.STOPPING and not self._live:
-            self._advance(Phase.STOPPED)
+        if self._machine.state is State.DRAINING and not self._live:
+            self._machine.advance(State.STOPPED)
             self._stopped.set()
 
     def _on_child_signal(self, _sig: signal.Signals) -> None:
@@ -490,11 +452,11 @@ class Keeper:
             self._on_generation_exit(generation)
 
     def _on_generation_exit(self, generation: Generation) -> None:
-        if self._phase is Phase.STOPPING:
+        if self._machine.state is State.DRAINING:
             self._check_stopped()
-        elif generation is self._serving and self._phase is Phase.SERVING:
+        elif generation is self._serving and self._machine.state is State.SERVING:
             self._stop_by_itself(generation)
-        elif generation is self._serving and self._phase is Phase.RESTARTING:
+        elif generation is self._serving and self._machine.state is State.RESTARTING:
             self._log.warning("the serving %s exited during a restart", generation)
 
     def _stop_by_itself(self, serving: Generation) -> None:
@@ -572,11 +534,6 @@ class Keeper:
         else:
             self._log.warning("%s exited before it was ready", generation)
         return None
-
-    def _advance(self, new: Phase) -> None:
-        if new not in TRANSITIONS[self._phase]:
-            raise UsageError(f"illegal keeper transition {self._phase.value} -> {new.value}")
-        self._phase = new
 
     def _tasks(self) -> trio.Nursery:
         if self._nursery is None:

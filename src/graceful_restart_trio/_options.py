@@ -11,7 +11,7 @@ from typing import final
 
 import attrs
 
-__all__ = ["Options"]
+__all__ = ["Options", "ready_seconds"]
 
 _UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})
 
@@ -44,7 +44,8 @@ def _drain_timeout(value: object) -> float:
     return _seconds("drain_timeout", value)
 
 
-def _ready_timeout(value: object) -> float:
+def ready_seconds(value: object) -> float:
+    """Validate a ``ready_timeout`` (also the keeper's)."""
     return _seconds("ready_timeout", value)
 
 
@@ -104,7 +105,7 @@ class Options:
     """
 
     drain_timeout: float = attrs.field(default=30.0, converter=_drain_timeout)
-    ready_timeout: float = attrs.field(default=60.0, converter=_ready_timeout)
+    ready_timeout: float = attrs.field(default=60.0, converter=ready_seconds)
     restart_signals: frozenset[signal.Signals] = attrs.field(
         default=frozenset({signal.SIGHUP}), converter=_restart_signals
     )

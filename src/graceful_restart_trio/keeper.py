@@ -25,9 +25,9 @@ from pathlib import Path
 import trio
 
 from ._exceptions import GracefulRestartError
-from ._keeper import LOGGER, Keeper, KeeperStatistics, Phase
+from ._keeper import LOGGER, Keeper, KeeperStatistics
 
-__all__ = ["Keeper", "KeeperStatistics", "Phase", "main"]
+__all__ = ["Keeper", "KeeperStatistics", "main"]
 
 
 def _seconds(text: str) -> float:
