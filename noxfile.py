@@ -41,10 +41,18 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Run the demo HTTP server; restart it with kill -HUP, stop it with Ctrl-C."""
+    """Run the demo HTTP server; kill -HUP restarts it, kill -TERM stops it.
+
+    ``nox -s demo -- --keeper`` runs it under the keeper (one stable pid, Ctrl-C works);
+    other arguments go to the demo (default: ``--port 8000 --pid-file demo.pid``).
+    """
     session.install("-e", ".[demo]")
-    args = session.posargs or ["--port", "8000", "--pid-file", "demo.pid"]
-    session.run("python", "-m", "graceful_restart_trio.demo", *args)
+    args = [arg for arg in session.posargs if arg != "--keeper"]
+    args = args or ["--port", "8000", "--pid-file", "demo.pid"]
+    demo = ["python", "-m", "graceful_restart_trio.demo", *args]
+    if "--keeper" in session.posargs:
+        demo = ["python", "-m", "graceful_restart_trio.keeper", "--", *demo]
+    session.run(*demo)
 
 
 @nox.session
