@@ -204,7 +204,7 @@ def test_crashing_new_generation_leaves_the_old_serving(
     assert answering_pid(http_get(server.port)[1]) == old
     server.deploy("ok")
     os.kill(keeper, signal.SIGHUP)
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     assert generation_pids(server, 3) == [new]
     assert answering_pid(http_get(server.port)[1]) == new
     wait_until(lambda: exited_with(server, old, 0), "the old generation to drain")
@@ -264,7 +264,7 @@ def test_new_generation_serves_when_the_old_is_killed_mid_restart(
     wait_until(lambda: generation_pids(server, 2), "the new generation to start")
     os.kill(old, signal.SIGKILL)
     (new,) = generation_pids(server, 2)
-    assert server.wait_serving(other_than=old) == new
+    assert server.wait_handover(old) == new
     assert answering_pid(http_get(server.port)[1]) == new
     assert exited_with(server, old, -9)
     assert read_pid(keeper_pid_file(tmp_path)) == keeper
@@ -281,7 +281,7 @@ def test_sighup_to_the_app_is_passed_on_to_the_keeper(
     keeper = server.first.pid
     old = server.wait_serving()
     server.signal(signal.SIGHUP, old)
-    new = server.wait_serving(other_than=old)
+    new = server.wait_handover(old)
     assert parent(new) == keeper
     assert f"[pid {old}] SIGHUP: passing it on to the keeper {keeper}" in server.log()
     assert answering_pid(http_get(server.port)[1]) == new

@@ -302,7 +302,7 @@ def test_restart_hands_main_pid_over_before_the_old_exits(
         assert is_running(old), "MAINPID= must reach systemd while the old main still runs"
         new = int(handover.fields["MAINPID"])
         assert (handover.pid, handover.fields) == (old, {"MAINPID": str(new), "READY": "1"})
-        assert server.wait_serving(other_than=old) == new
+        assert server.wait_handover(old) == new
         assert echo_line(port, b"hi\n") == f"{new} hi\n"
         assert converse(held, b"during\n") == f"{old} during\n"
     assert wait_gone(server, old, notify) == 0
