@@ -98,6 +98,23 @@ def http_get(port: int, path: str = "/", timeout: float = TIMEOUT) -> tuple[int,
         connection.close()
 
 
+def converse(sock: socket.socket, line: bytes) -> str:
+    """Send ``line`` to the echo server on ``sock``; return the answer line."""
+    sock.sendall(line)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {answer!r}"
+        answer += chunk
+    return answer.decode()
+
+
+def echo_line(port: int, line: bytes) -> str:
+    """One line to the echo server on a new connection: its answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        return converse(sock, line)
+
+
 def answering_pid(body: str) -> int:
     """The pid in a demo answer (``hello from pid N``)."""
     match = re.search(r"pid (\d+)", body)

@@ -20,6 +20,7 @@ from .conftest import (
     Server,
     answering_pid,
     children,
+    echo_line,
     http_get,
     is_running,
     wait_until,
@@ -31,18 +32,6 @@ StartServer = Callable[..., Server]
 def successor_pids(server: Server) -> list[int]:
     """Every successor the log says was started, in order."""
     return [int(pid) for pid in re.findall(r"successor (\d+) started", server.log())]
-
-
-def echo_line(port: int, line: bytes) -> str:
-    """Send one line to the echo server on a new connection and return the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(line)
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            assert chunk, f"connection closed after {answer!r}"
-            answer += chunk
-    return answer.decode()
 
 
 def test_sighup_hands_over_to_a_new_process(start_server: StartServer) -> None:

@@ -28,7 +28,17 @@ from typing import NamedTuple, TypeVar
 
 import pytest
 
-from .conftest import SERVER, TIMEOUT, Server, answering_pid, http_get, is_running, wait_until
+from .conftest import (
+    SERVER,
+    TIMEOUT,
+    Server,
+    answering_pid,
+    converse,
+    echo_line,
+    http_get,
+    is_running,
+    wait_until,
+)
 
 StartServer = Callable[..., Server]
 T = TypeVar("T")
@@ -191,23 +201,6 @@ def wait_gone(server: Server, pid: int, recorder: NotifyRecorder | None = None) 
     if recorder is not None:
         recorder.drain()
     return server.wait_exit(pid)
-
-
-def converse(sock: socket.socket, line: bytes) -> str:
-    """Send ``line`` to the echo server on ``sock``; return the answer line."""
-    sock.sendall(line)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        assert chunk, f"connection closed after {answer!r}"
-        answer += chunk
-    return answer.decode()
-
-
-def echo_line(port: int, line: bytes) -> str:
-    """One line to the echo server on a new connection: its answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        return converse(sock, line)
 
 
 def shell(script: str) -> list[str]:
