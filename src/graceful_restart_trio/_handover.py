@@ -54,6 +54,7 @@ __all__ = [
     "READY",
     "Inheritance",
     "encode",
+    "parse_ready",
     "read_inheritance",
     "read_line",
     "send_ready",
@@ -200,6 +201,24 @@ def send_ready(channel: socket.socket, listeners: list[tuple[str, int]] | None) 
         return
     names = json.dumps([name for name, _ in listeners]).encode()
     socket.send_fds(channel, [b"ready " + names + b"\n"], [fd for _, fd in listeners])
+
+
+def parse_ready(line: bytes, sockets: int) -> list[str]:
+    """The names in a ``ready [names]`` line (see :func:`send_ready`), one per socket sent.
+
+    Raises:
+        InheritanceError: the line is not that, or names more or fewer than ``sockets``.
+    """
+    command, _, argument = line.partition(b" ")
+    try:
+        names = json.loads(argument) if command == b"ready" else None
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InheritanceError(f"said {line[:200]!r}, not 'ready [names]'")
+    if len(names) != sockets:
+        raise InheritanceError(f"named {len(names)} listener(s) but sent {sockets}")
+    return names
 
 
 async def read_line(channel: trio.socket.SocketType) -> bytes:

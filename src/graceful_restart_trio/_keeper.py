@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -53,8 +52,8 @@ from typing import final
 import attrs
 import trio
 
-from ._exceptions import UsageError
-from ._handover import ENV_VAR, encode
+from ._exceptions import InheritanceError, UsageError
+from ._handover import ENV_VAR, encode, parse_ready
 from ._logging import PrefixLog
 from ._options import ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
@@ -158,7 +157,7 @@ async def _receive_ready(channel: trio.socket.SocketType, raw: socket.socket) ->
     """Read one ``ready [names]`` line and the listening sockets that came with it."""
     socks: list[socket.socket] = []
     try:
-        names = _ready_names(await _read_line(channel, raw, socks), len(socks))
+        names = parse_ready(await _read_line(channel, raw, socks), len(socks))
     except BaseException:
         _close_listeners([("", sock) for sock in socks])
         raise
@@ -186,27 +185,13 @@ async def _read_line(
     return data.partition(b"\n")[0]
 
 
-def _ready_names(line: bytes, sockets: int) -> list[str]:
-    """The names in ``ready [names]``, one for each of the ``sockets`` that came with it."""
-    command, _, argument = line.partition(b" ")
-    try:
-        names = json.loads(argument) if command == b"ready" else None
-    except ValueError:
-        names = None
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise _NotReadyError(f"said {line[:200]!r}, not 'ready [names]'")
-    if len(names) != sockets:
-        raise _NotReadyError(f"named {len(names)} listener(s) but sent {sockets}")
-    return names
-
-
 @final
 @attrs.frozen
 class KeeperStatistics:
     """A snapshot of a :class:`Keeper`, from :meth:`Keeper.statistics`.
 
     Attributes:
-        phase: where the keeper is in its life.
+        state: where the keeper is in its life (the same :class:`State` table as a process).
         pid: the keeper's own pid, which never changes.
         serving: the pid of the serving generation, or None.
         starting: the pid of a generation starting (first start or restart), or None.
@@ -518,7 +503,7 @@ class Keeper:
                 return listeners
         except _ChannelClosedError as error:
             why, grace = str(error), EXIT_GRACE
-        except _NotReadyError as error:
+        except (_NotReadyError, InheritanceError) as error:  # the latter: a bad ready line
             why = str(error)
         finally:
             if not generation.ready:
