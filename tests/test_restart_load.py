@@ -125,8 +125,9 @@ def test_twenty_restarts_under_load_lose_no_request(start_server: StartServer) -
     assert [got for old, got in slow_outcomes if got != (200, old)] == []
     assert sleeps.update() == len(slow) == RESTARTS * 3 // 2
     assert len(set(pids)) == RESTARTS + 1
-    # Every successor has the same fds; the first start has one less: no handover channel.
-    assert list(fds.values()) == [first_fds + 1] * len(fds), (first_fds, fds)
+    # Every successor has the same fds; the first start has two less: no handover channel,
+    # no pidfd naming a predecessor.
+    assert list(fds.values()) == [first_fds + 2] * len(fds), (first_fds, fds)
 
     last = pids[-1]
     server.signal(signal.SIGTERM, last)

@@ -256,7 +256,7 @@ def test_first_start_says_ready_once_and_only_when_serving(
         pass
     assert answering_pid(http_get(server.port)[1]) == pid
     assert ready == notify.datagrams[0]
-    assert (ready.pid, ready.fields) == (pid, {"READY": "1", "STATUS": "serving"})
+    assert (ready.pid, ready.fields) == (pid, {"READY": "1", "STATUS": f"serving: generation 1 (pid {pid})"})
     server.signal(signal.SIGTERM, pid)
     assert wait_gone(server, pid, notify) == 0
     assert len(notify.saying("READY")) == 1
@@ -269,7 +269,7 @@ def test_abstract_notify_socket_gets_ready(start_server: StartServer) -> None:
         server = start_server(env={"NOTIFY_SOCKET": recorder.address})
         pid = server.first.pid
         ready = recorder.wait_for_datagram("READY")
-        assert (ready.pid, ready.fields) == (pid, {"READY": "1", "STATUS": "serving"})
+        assert (ready.pid, ready.fields) == (pid, {"READY": "1", "STATUS": f"serving: generation 1 (pid {pid})"})
         server.signal(signal.SIGTERM, pid)
         assert wait_gone(server, pid, recorder) == 0
         assert [d.pid for d in recorder.saying("STOPPING")] == [pid]
@@ -294,7 +294,11 @@ def test_restart_hands_main_pid_over_before_the_old_exits(
         handover = notify.wait_for_handover()
         assert is_running(old), "MAINPID= must reach systemd while the old main still runs"
         new = int(handover.fields["MAINPID"])
-        assert (handover.pid, handover.fields) == (old, {"MAINPID": str(new), "READY": "1"})
+        status = f"serving: generation 2 (pid {new})"
+        assert (handover.pid, handover.fields) == (
+            old,
+            {"MAINPID": str(new), "READY": "1", "STATUS": status},
+        )
         assert server.wait_handover(old) == new
         assert echo_line(port, b"hi\n") == f"{new} hi\n"
         assert converse(held, b"during\n") == f"{old} during\n"
@@ -304,7 +308,7 @@ def test_restart_hands_main_pid_over_before_the_old_exits(
     assert notify.datagrams.index(reloading) < notify.datagrams.index(handover)
     assert set(reloading.fields) == {"RELOADING", "MONOTONIC_USEC", "STATUS", "EXTEND_TIMEOUT_USEC"}
     assert signalled <= int(reloading.fields["MONOTONIC_USEC"]) <= reloading.received_usec
-    assert reloading.fields["EXTEND_TIMEOUT_USEC"] == "60000000"  # the ready timeout
+    assert reloading.fields["EXTEND_TIMEOUT_USEC"] == "60200000"  # ready_timeout + probation
     assert not [d for d in notify.sent_by(old) if d.says("STOPPING")]
     assert notify.sent_by(new) == [], "the successor must not say READY=1 itself"
     server.signal(signal.SIGTERM, new)
@@ -333,7 +337,7 @@ def test_failed_restart_says_ready_again_with_the_failure(
     reloading, ready = notify.datagrams[1:3]
     assert ready == ready_again
     assert reloading.says("RELOADING")
-    assert reloading.fields["EXTEND_TIMEOUT_USEC"] == "3000000"
+    assert reloading.fields["EXTEND_TIMEOUT_USEC"] == "3200000"  # ready_timeout + probation
     assert (reloading.pid, ready.pid) == (pid, pid)
     assert set(ready.fields) == {"READY", "STATUS"}
     assert "restart failed" in ready.fields["STATUS"]
@@ -467,7 +471,11 @@ def test_successor_pings_only_once_it_is_the_main_pid(
     os.kill(old, signal.SIGSTOP)  # the old cannot hand over: the successor is not main yet
     try:
         assert not [d for d in notify.drain() if "MAINPID" in d.fields]
-        new = server.wait_serving(other_than=old)
+        ready = wait_until(
+            lambda: re.search(r"\[pid (\d+)\] serving \(generation 2\)", server.log()),
+            "the successor to serve",
+        )
+        new = int(ready.group(1))
         assert echo_line(server.port, b"hi\n") == f"{new} hi\n"  # its loop ran after ready
         assert notify.drain()[-1].pid == old
         assert notify.sent_by(new) == []

@@ -9,18 +9,30 @@ signal task. Everything the application does in that body therefore runs inside 
 nursery's cancel scope, which is how the drain deadline cancels work that outlives it:
 leases themselves stay a bare counter.
 
-A restart, top to bottom (:meth:`GracefulRestart.restart`):
+A restart, top to bottom (:meth:`GracefulRestart.restart`, and ``_predecessor`` for the
+steps the keeper plays too):
 
-1. start the successor: this program again, in its own session, with the listening
-   sockets and a private channel (``_spawn``, ``_handover``);
-2. wait until it writes ``ready`` on the channel, at most ``ready_timeout``; if it exits
-   or times out, kill its session, report why, and go on serving as before;
-3. tell systemd the successor is the main process now;
-4. stop accepting here (the successor already accepts on the same sockets, so nothing
-   queued is lost), drain the leases under ``drain_timeout``, and end the body.
+1. signal: ``SIGHUP`` (or a call) asks for it;
+2. successor: this program again, started through the launcher in its own session, with
+   the listening sockets, a pidfd naming us and a private channel;
+3. ready: it says so on the channel within ``ready_timeout``, or it is killed (with
+   everything it started) and this process goes on serving as before;
+4. probation: this process stops accepting but keeps its sockets; if the successor dies
+   within ``probation`` seconds, this process accepts again and reports why;
+5. commit: the launcher lets the successor go (it is re-parented to systemd, or to the
+   nearest subreaper); systemd hears ``MAINPID=`` with ``READY=1``; the successor hears
+   ``main`` and takes charge (pid file, watchdog, its own restarts); this process closes
+   its sockets;
+6. drain: the leases, under ``drain_timeout``, and the predecessor if this process
+   served and has one;
+7. exit: the body is cancelled, :func:`open` returns.
 
-A shutdown is steps 4 alone, plus the goodbyes a successor must not hear: ``STOPPING=1``
-to systemd, removing the pid file and the unix socket files.
+A shutdown is steps 6 and 7 alone, plus the goodbyes only the process in charge may say:
+``STOPPING=1`` to systemd, removing the pid file and the unix socket files. A shutdown
+during a restart abandons it: a successor that was never ready is killed, one on
+probation is asked to stop gracefully.
+
+Every step re-checks the state after each ``await``: a shutdown may come at any point.
 """
 
 from __future__ import annotations
@@ -31,39 +43,39 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from functools import partial
 from typing import Any, final
 
 import attrs
 import trio
 
+from ._accepting import accept_forever
 from ._exceptions import (
     RestartError,
     RestartUnavailableError,
-    SuccessorExitedError,
+    SocketActivationError,
     SuccessorStartError,
-    SuccessorTimeoutError,
+    UsageError,
 )
 from ._handover import (
     ENV_VAR,
     MAIN,
     Inheritance,
+    LineReader,
     encode,
     read_inheritance,
-    read_line,
     send_ready,
-    wait_ready,
 )
 from ._leases import LeaseCounter
-from ._listeners import ListenerRegistry, shared_dup
+from ._listeners import ListenerRegistry
 from ._logging import PrefixLog
 from ._options import Options
 from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
+from ._predecessor import Serving, hand_over
 from ._signals import check_main_thread, receive_signals
-from ._spawn import Child, default_command, spawn, startup_directory
-from ._state import State, StateMachine
+from ._state import ACCEPTING, State, StateMachine
+from ._successor import Successor, default_command, startup_directory
 from ._systemd import Notifier, listen_fds, monotonic_usec, run_watchdog, watchdog_interval
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -72,7 +84,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 __all__ = ["GracefulRestart", "Statistics", "open"]
 
 EXIT_GRACE = 5.0
-"""Seconds a successor that closed its channel gets to exit by itself before it is killed."""
+"""Seconds systemd is asked to wait for a drain beyond ``drain_timeout``."""
 
 _ACTIVATION = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
 _WATCHDOG = ("WATCHDOG_USEC", "WATCHDOG_PID")
@@ -91,7 +103,8 @@ class Statistics:
         generation: 1 for a first start, one more for each restart since.
         pid: this process.
         predecessor: the process this one took over from, or None.
-        successor: the process this one handed over to, or None.
+        successor: the process this one handed over to (or is watching on probation),
+            or None.
     """
 
     state: State
@@ -129,12 +142,17 @@ class GracefulRestart:
     _leases: LeaseCounter = attrs.field(factory=LeaseCounter)
     _accept_scopes: set[trio.CancelScope] = attrs.field(factory=set)
     _draining: trio.Event = attrs.field(factory=trio.Event)
+    _in_charge: trio.Event = attrs.field(factory=trio.Event)
+    """Set once this process is the one in charge: a first start once ready, a successor
+    once its predecessor committed the handover (or is gone). Only then does it speak to
+    systemd, write the pid file, say goodbyes, or restart."""
+    _predecessor_exited: trio.Event = attrs.field(factory=trio.Event)
     _restart_scope: trio.CancelScope | None = None
+    _restart_pending: bool = False
     _watchdog_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _shutdown_requests: int = 0
-    _successor: int | None = None
+    _successor: Successor | None = None
     _served: bool = False
-    _successor_channel: trio.socket.SocketType | None = None
     _pid: int = attrs.field(factory=os.getpid)
 
     # -- what the application asks -------------------------------------------------------
@@ -159,6 +177,11 @@ class GracefulRestart:
         """The pid of the process this one took over from, or None on a first start."""
         return self._inheritance.predecessor if self._inheritance else None
 
+    @property
+    def keeper_pid(self) -> int | None:
+        """The pid of the keeper this process runs under (see :mod:`.keeper`), or None."""
+        return self._inheritance.keeper if self._inheritance else None
+
     def statistics(self) -> Statistics:
         """A snapshot of the state, the leases held, the generation and the pids."""
         return Statistics(
@@ -167,7 +190,7 @@ class GracefulRestart:
             generation=self.generation,
             pid=self._pid,
             predecessor=self.predecessor_pid,
-            successor=self._successor,
+            successor=self._successor.pid if self._successor else None,
         )
 
     def lease(self) -> LeaseCounter:
@@ -183,17 +206,22 @@ class GracefulRestart:
     def accepting(self) -> Iterator[trio.CancelScope]:
         """A cancel scope for an accept loop, cancelled when this process stops accepting.
 
-        Entered after accepting stopped, it is cancelled at once. Closing a listener when
-        the loop ends is right (``SocketListener.aclose`` only closes this process's fd);
-        never ``shutdown()`` it, the successor shares it.
+        That is for good (a shutdown, a committed handover) or for a successor's
+        probation; then :meth:`wait_resumed` says whether to accept again. Entered while
+        not accepting, it is cancelled at once. Never ``shutdown()`` a listener: the
+        successor shares it. :meth:`accept_connections` does all this for you.
 
         Example::
 
-            with gr.accepting():
-                await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+            async with gr.lease(), trio.open_nursery() as handlers:  # the server's lease
+                while True:
+                    with gr.accepting():
+                        await my_accept_loop(listeners, handler_nursery=handlers)
+                    if not await gr.wait_resumed():
+                        break
         """
         scope = trio.CancelScope()
-        if self._draining.is_set():
+        if self.state not in ACCEPTING:
             scope.cancel()
         self._accept_scopes.add(scope)
         try:
@@ -202,33 +230,30 @@ class GracefulRestart:
         finally:
             self._accept_scopes.discard(scope)
 
+    async def wait_resumed(self) -> bool:
+        """After :meth:`accepting` was cancelled: True if this process accepts again.
+
+        It waits while a successor is on probation: True if the successor died and this
+        process accepts again, False once it stopped accepting for good.
+        """
+        return await self._machine.wait_leaving(State.PROBATION) in ACCEPTING
+
     async def wait_draining(self) -> None:
-        """Return once this process has stopped accepting (shutdown or handover).
+        """Return once this process has stopped accepting for good (shutdown or handover).
 
         Use it as a server's shutdown trigger, e.g. hypercorn's ``shutdown_trigger``.
         """
         await self._draining.wait()
 
-    @property
-    def keeper_pid(self) -> int | None:
-        """The pid of the keeper this process runs under (see :mod:`.keeper`), or None."""
-        return self._inheritance.keeper if self._inheritance else None
-
     async def wait_predecessor(self) -> None:
-        """Return once the predecessor has exited (at once if there is none).
+        """Return once the predecessor has exited (at once if there is none, or under a
+        keeper, which drains every generation itself).
 
-        For example, to take over a resource only one process may hold at a time.
+        For example, to take over a resource only one process may hold at a time. The
+        predecessor is named by the pidfd it passed, never by its pid, which may have
+        been reused long since.
         """
-        if self.predecessor_pid is None:
-            return
-        try:
-            pidfd = os.pidfd_open(self.predecessor_pid)
-        except ProcessLookupError:
-            return
-        try:
-            await trio.lowlevel.wait_readable(pidfd)
-        finally:
-            os.close(pidfd)
+        await self._predecessor_exited.wait()
 
     async def open_tcp_listeners(
         self,
@@ -280,82 +305,98 @@ class GracefulRestart:
         """
         return self._listeners.custom(name, create)
 
+    async def accept_connections(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        handler: Callable[[Any], Awaitable[object]],
+        *,
+        handler_nursery: trio.Nursery,
+    ) -> None:
+        """Accept on ``listeners`` while this process accepts, then close them.
+
+        Each connection runs ``handler(stream)`` in ``handler_nursery``. Marks the
+        process :meth:`ready` once the accept loops run. It pauses while a successor is
+        on probation and accepts again if that successor dies; it returns once this
+        process stopped accepting for good.
+        """
+        try:
+            while True:
+                with self.accepting():
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(accept_forever, listener, handler, handler_nursery)
+                        self.ready()
+                if not await self.wait_resumed():
+                    return
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)  # close() only, never shutdown()
+
     async def serve_listeners(
         self,
         handler: Callable[[trio.SocketStream], Awaitable[object]],
         listeners: list[trio.SocketListener],
     ) -> None:
-        """:func:`trio.serve_listeners`, with each connection under a lease.
+        """Like :func:`trio.serve_listeners`, with each connection under a lease.
 
-        Accepts until this process stops accepting, marks the process :meth:`ready`
-        once the accept loops run, and returns when the last handler has finished.
-        The server itself holds one lease while it runs, so the drain also waits for a
-        connection accepted an instant before accepting stopped.
+        Accepts until this process stops accepting (see :meth:`accept_connections`),
+        marks the process :meth:`ready` once the accept loops run, and returns when the
+        last handler has finished. The server itself holds one lease while it runs, so
+        the drain also waits for a connection accepted an instant before accepting
+        stopped.
         """
 
         async def leased(stream: trio.SocketStream) -> None:
             async with self._leases:
                 await handler(stream)
 
-        # The server holds a lease of its own until its last handler is done, so that a
-        # connection accepted just before accepting stopped is drained, not cancelled.
         async with self._leases, trio.open_nursery() as handlers:
-            with self.accepting():
-                async with trio.open_nursery() as acceptors:
-                    await acceptors.start(
-                        partial(trio.serve_listeners, leased, listeners, handler_nursery=handlers)
-                    )
-                    self.ready()
+            await self.accept_connections(listeners, leased, handler_nursery=handlers)
 
     # -- the story ---------------------------------------------------------------------
 
     def ready(self) -> None:
         """Say this process is serving: its listeners accept.
 
-        A successor tells its predecessor, which then hands over; a first start tells
-        systemd. Writes the pid file, closes inherited listeners nobody asked for, and
-        starts the systemd watchdog. Does nothing if the process is not starting.
+        A first start takes charge now (pid file, ``READY=1``, the watchdog). A successor
+        tells its predecessor, which watches it through its probation and then hands
+        over; a process under a keeper tells the keeper, with its sockets. Does nothing
+        if the process is not starting.
 
         Raises:
-            PidFileError: the pid file cannot be written.
+            PidFileError: the pid file cannot be written (a first start).
         """
         if self.state is not State.STARTING:
             return
-        if self._options.pid_file is not None:
-            write_pid_file(self._options.pid_file, self._pid)
         self._served = True
-        for name in self._listeners.close_unclaimed():
-            self._log.warning("inherited listener %s was not opened again: closed it", name)
         self._machine.advance(State.SERVING)
-        channel = self._inheritance.channel if self._inheritance else None
-        keeper = self.keeper_pid is not None
-        if channel is None:
-            self._notify(READY=1, STATUS="serving")
-        else:
-            try:
-                send_ready(channel, self._listeners.handover() if keeper else None)
-            except OSError as error:
-                self._log.warning("cannot say ready, predecessor gone: %s", error)
-            if keeper:
-                self._nursery.start_soon(self._follow_keeper, channel)
-        if self._notifier is not None and self._watchdog is not None and not keeper:
-            # A successor waits until its predecessor has made it systemd's main process.
-            self._nursery.start_soon(self._run_watchdog, channel)
         self._log.info("serving (generation %d)", self.generation)
+        if self._inheritance is None:
+            self._take_charge()
+            return
+        keeper = self.keeper_pid is not None
+        try:
+            send_ready(self._inheritance.channel, self._listeners.handover() if keeper else None)
+        except OSError as error:
+            self._log.warning("cannot say ready: %s", error)
+        self._nursery.start_soon(self._follow_channel)
 
     async def restart(self) -> int:
         """Replace this process by a new copy of the program; return the new pid.
 
-        Starts the successor with the listening sockets and waits for it to be ready.
-        Then this process stops accepting, drains, and ends the :func:`open` body; this
-        call returns as soon as the successor serves.
+        Starts the successor with the listening sockets, waits for it to be ready, and
+        watches it through its probation (see the ``probation`` option). Then this
+        process hands over, drains, and ends the :func:`open` body; this call returns
+        once the handover is committed.
 
         Raises:
-            RestartUnavailableError: not serving (starting, restarting or draining).
+            RestartUnavailableError: not serving (starting, restarting or draining), not
+                yet in charge (a successor whose predecessor is still watching it), or
+                under a keeper (restart the keeper instead).
             SuccessorStartError: the successor could not be started.
-            SuccessorExitedError: it exited before it was ready.
+            SuccessorExitedError: it exited before it was ready, or during its probation.
             SuccessorTimeoutError: it was not ready within ``ready_timeout``; it was killed.
-            RestartError: a shutdown began meanwhile; the successor was killed.
+            RestartError: a shutdown began meanwhile; the restart was abandoned.
 
         In every error case this process keeps serving (unless it is shutting down).
         """
@@ -366,59 +407,33 @@ class GracefulRestart:
             )
         if self.state is not State.SERVING:
             raise RestartUnavailableError(f"cannot restart while {self.state.value}")
+        if not self._in_charge.is_set():
+            raise RestartUnavailableError(
+                f"predecessor {self.predecessor_pid} has not handed over yet (probation)"
+            )
         self._machine.advance(State.RESTARTING)
         self._log.info("restart requested: starting a successor")
         self._notify(
             RELOADING=1,
             MONOTONIC_USEC=monotonic_usec(),
             STATUS="restarting",
-            EXTEND_TIMEOUT_USEC=_usec(self._options.ready_timeout),
+            EXTEND_TIMEOUT_USEC=_usec(self._options.ready_timeout + self._options.probation),
         )
-        self._restart_scope = trio.CancelScope()
         try:
-            with self._restart_scope:
-                successor, channel = await self._start_successor()
+            return (await self._hand_over()).pid
         except RestartError as error:
             if self._machine.state is State.RESTARTING:
                 self._log.error("restart failed, still serving: %s", error)
-                self._rollback(f"restart failed: {error}")
+                self._resume_serving(f"restart failed: {error}")
             raise
-        except BaseException:  # cancelled: by shutdown(), or the caller's own scope
-            self._abandon()
+        except BaseException:  # the caller's own scope was cancelled
+            if self._machine.state is State.RESTARTING:
+                self._resume_serving("restart abandoned")
             raise
         finally:
             self._restart_scope = None
-        if self._machine.state is not State.RESTARTING:
-            self._abandon()
-            raise RestartError("restart abandoned: this process is shutting down")
-        self._successor = successor.pid
-        self._notify(MAINPID=successor.pid, READY=1)
-        with contextlib.suppress(OSError):  # it died already: its own problem now
-            await channel.send(MAIN)
-        self._log.info("successor %d is ready: handing over", successor.pid)
-        self._begin_drain(handover=True)
-        return successor.pid
 
-    def shutdown(self, *, immediate: bool = False) -> None:
-        """Stop accepting, drain the leases, and end the :func:`open` body.
-
-        Harmless to call again. With ``immediate=True`` (or on the second shutdown signal)
-        the drain is cut short: everything still running is cancelled now. A restart
-        under way is abandoned and its successor killed.
-        """
-        if self.state is State.STOPPED:
-            return
-        if self.state is not State.DRAINING:
-            if self._restart_scope is not None:
-                self._restart_scope.cancel()
-            self._begin_drain(handover=False)
-        if immediate:
-            self._log.warning("cutting the drain short: cancelling %d lease(s)", self._leases.count)
-            self._nursery.cancel_scope.cancel()
-
-    # -- the steps ---------------------------------------------------------------------
-
-    async def _start_successor(self) -> tuple[Child, trio.socket.SocketType]:
+    async def _hand_over(self) -> Successor:
         handover = self._listeners.handover()
         # The watchdog goes to the successor only if it was ours; it will be main.
         dropped = _ACTIVATION + (_WATCHDOG if self._watchdog is None else ("WATCHDOG_PID",))
@@ -430,75 +445,151 @@ class GracefulRestart:
             socket_files=self._listeners.socket_files(),
         )
         command = self._options.command or default_command()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel = trio.socket.from_stdlib_socket(ours)
-        with theirs:
-            try:
-                child = spawn(
+        try:
+            me = os.pidfd_open(self._pid)
+        except OSError as error:
+            raise SuccessorStartError(f"cannot open a pidfd for this process: {error}") from error
+        self._restart_scope = trio.CancelScope()
+        try:
+            with self._restart_scope:  # shutdown() cancels it
+                successor, _, fds = await hand_over(
+                    Serving(self._pause, self._resume, self._commit, self._retire),
                     command,
                     env=env,
                     cwd=startup_directory(),
-                    fds=[theirs.fileno(), *(fd for _, fd in handover)],
+                    fds=[me, *(fd for _, fd in handover)],
+                    ready_timeout=self._options.ready_timeout,
+                    probation=self._options.probation,
+                    log=self._log,
                 )
-            except OSError as error:
-                channel.close()
-                raise SuccessorStartError(f"cannot start {command[0]!r}: {error}") from error
-        self._log.info("successor %d started: %s", child.pid, " ".join(command))
-        ready = False
-        try:
-            with trio.move_on_after(self._options.ready_timeout) as timeout:
-                ready = await wait_ready(channel)
-                if not ready:  # it closed the channel: it is on its way out
-                    with trio.move_on_after(EXIT_GRACE):
-                        await child.wait()
+                for fd in fds:  # a successor says a plain "ready": nothing to keep
+                    os.close(fd)
+                return successor
         finally:
-            if not ready:
-                channel.close()
-                child.kill_session()
-                with trio.CancelScope(shield=True):
-                    await child.wait()
-        if not ready:
-            if timeout.cancelled_caught:
-                raise SuccessorTimeoutError(
-                    f"successor {child.pid} was not ready within "
-                    f"{self._options.ready_timeout:g}s: killed it"
-                )
-            raise SuccessorExitedError(
-                f"successor {child.pid} exited with status {child.returncode} before it was ready",
-                child.returncode or 0,
-            )
-        self._successor_channel = channel  # closed when we exit
-        self._nursery.start_soon(self._reap, child)
-        return child, channel
+            os.close(me)
+        raise RestartError(f"restart abandoned: this process is {self._machine.state.value}")
 
-    def _rollback(self, status: str) -> None:
-        self._machine.advance(State.SERVING)
-        self._notify(READY=1, STATUS=f"serving; {status}")
+    # The serving side of the predecessor's story (see _predecessor.Serving).
 
-    def _abandon(self) -> None:
-        if self.state is State.RESTARTING:
-            self._log.warning("restart abandoned, successor stopped")
-            self._rollback("restart abandoned")
-        else:
-            self._log.warning("restart abandoned, successor stopped: shutting down")
+    def _pause(self, successor: Successor) -> None:
+        """The successor is ready: stop accepting, keep the sockets, watch it."""
+        if self.state is not State.RESTARTING:  # a shutdown came in the same tick
+            raise RestartError(f"restart abandoned: this process is {self.state.value}")
+        self._machine.advance(State.PROBATION)
+        self._successor = successor
+        self._cancel_accepting()
+        self._log.info("stopped accepting: successor %d is on probation", successor.pid)
 
-    def _begin_drain(self, *, handover: bool) -> None:
+    def _resume(self, error: Exception) -> None:
+        """The successor died during its probation: accept again."""
+        self._successor = None
+        if self.state is State.PROBATION:
+            self._log.error("restart failed, still serving: %s: accepting again", error)
+            self._resume_serving(f"restart failed: {error}")
+
+    def _commit(self, successor: Successor) -> None:
+        """The point of no return: the successor is systemd's main process from now on."""
+        if self.state is not State.PROBATION:  # a shutdown came while releasing it
+            raise RestartError(f"restart abandoned: this process is {self.state.value}")
         self._machine.advance(State.DRAINING)
-        self._draining.set()
+        self._notify(
+            MAINPID=successor.pid,
+            READY=1,
+            STATUS=f"serving: generation {self.generation + 1} (pid {successor.pid})",
+        )
+        with contextlib.suppress(OSError):  # it died already: systemd's problem now
+            os.write(successor.channel.fileno(), MAIN)
+        self._log.info("handed over to successor %d", successor.pid)
+        self._watchdog_scope.cancel()
+        self._stop_accepting()
+        if self._restart_pending:
+            self._log.info("passing the restart asked for meanwhile on to %d", successor.pid)
+            successor.send_signal(signal.SIGHUP)
+
+    def _retire(self, successor: Successor) -> None:
+        """The restart was abandoned during the probation: let the successor stop."""
+        self._leases.__enter__()  # now: the drain that begins in this tick must wait for it
+        self._nursery.start_soon(self._stop_successor, successor)
+
+    async def _stop_successor(self, successor: Successor) -> None:
+        with self._leases.taken():
+            self._log.info("asking successor %d on probation to stop", successor.pid)
+            successor.send_signal(signal.SIGTERM)
+            try:
+                await successor.wait_exit()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await successor.kill()  # whatever it left
+                successor.close()
+
+    def shutdown(self, *, immediate: bool = False) -> None:
+        """Stop accepting, drain the leases, and end the :func:`open` body.
+
+        Harmless to call again. With ``immediate=True`` (or on the second shutdown signal)
+        the drain is cut short: everything still running is cancelled now. A restart
+        under way is abandoned: a successor not ready yet is killed, one on probation is
+        asked to stop gracefully. After a committed handover it is a drain without
+        goodbyes: the successor is in charge.
+        """
+        if self.state is State.STOPPED:
+            return
+        if self.state is not State.DRAINING:
+            if self._restart_scope is not None:
+                self._log.warning("restart abandoned: shutting down")
+                self._restart_scope.cancel()
+            self._machine.advance(State.DRAINING)
+            if self._in_charge.is_set():
+                self._say_goodbye()
+            self._stop_accepting()
+        if immediate:
+            self._log.warning("cutting the drain short: cancelling %d lease(s)", self._leases.count)
+            self._nursery.cancel_scope.cancel()
+
+    # -- the steps ---------------------------------------------------------------------
+
+    def _take_charge(self) -> None:
+        """This process is the one in charge now: pid file, systemd, the watchdog."""
+        if self._in_charge.is_set():
+            return
+        self._in_charge.set()
+        if self._options.pid_file is not None:
+            write_pid_file(self._options.pid_file, self._pid)
+        if self._inheritance is None:  # a successor's READY=1 came with MAINPID=
+            self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
+        if self.keeper_pid is None and self._notifier is not None and self._watchdog is not None:
+            self._nursery.start_soon(self._run_watchdog)
+        if self._restart_pending and self.state is State.SERVING:
+            self._restart_pending = False
+            self._log.info("carrying out the restart asked for during the probation")
+            self._nursery.start_soon(self._restart_quietly)
+
+    def _resume_serving(self, status: str) -> None:
+        self._machine.advance(State.SERVING)
+        self._notify(READY=1, STATUS=f"serving: generation {self.generation}; {status}")
+        if self._restart_pending:
+            self._restart_pending = False
+            self._log.info("carrying out the restart asked for during the last one")
+            self._nursery.start_soon(self._restart_quietly)
+
+    def _cancel_accepting(self) -> None:
         for scope in self._accept_scopes:
             scope.cancel()
+
+    def _stop_accepting(self) -> None:
+        """For good: close the sockets (the successor, if any, holds its own) and drain."""
+        self._draining.set()
+        self._cancel_accepting()
         self._listeners.close()
-        if handover:
-            self._watchdog_scope.cancel()  # the successor is systemd's main process now
-        else:
-            if self._served:  # one that never served must not remove the server's files
-                self._listeners.unlink_unix_paths()
-            self._notify(
-                STOPPING=1,
-                STATUS=f"draining {self._leases.count} lease(s)",
-                EXTEND_TIMEOUT_USEC=_usec(self._options.drain_timeout + EXIT_GRACE),
-            )
         self._nursery.start_soon(self._drain)
+
+    def _say_goodbye(self) -> None:
+        if self._served:  # one that never served must not remove the server's files
+            self._listeners.unlink_unix_paths()
+        self._notify(
+            STOPPING=1,
+            STATUS=f"draining {self._leases.count} lease(s)",
+            EXTEND_TIMEOUT_USEC=_usec(self._options.drain_timeout + EXIT_GRACE),
+        )
 
     async def _drain(self) -> None:
         self._log.info(
@@ -508,10 +599,10 @@ class GracefulRestart:
         )
         with trio.move_on_after(self._options.drain_timeout) as deadline:
             await self._leases.wait_idle()
-            if self.predecessor_pid is not None and _is_alive(self.predecessor_pid):
+            if self._served and self._inheritance is not None and self.keeper_pid is None:
                 # Exit after it, so that a service manager that kills whatever is left
                 # when the main process exits does not cut its drain short.
-                self._log.info("waiting for predecessor %d to finish", self.predecessor_pid)
+                self._log.info("waiting for predecessor %s to finish", self.predecessor_pid)
                 await self.wait_predecessor()
         if deadline.cancelled_caught:
             self._log.warning("drain deadline passed: cancelling %d lease(s)", self._leases.count)
@@ -519,40 +610,78 @@ class GracefulRestart:
             self._log.info("drained")
         self._nursery.cancel_scope.cancel()
 
-    async def _reap(self, child: Child) -> None:
-        try:
-            returncode = await child.wait()
-        finally:
-            child.close()
-        self._log.info("successor %d exited with status %d", child.pid, returncode)
+    async def _follow_channel(self) -> None:
+        """A successor: follow what its predecessor (or keeper) says on the channel.
 
-    async def _follow_keeper(self, stdlib_channel: socket.socket) -> None:
-        """Under a keeper: drain when it says a successor took over."""
-        with trio.socket.from_stdlib_socket(shared_dup(stdlib_channel)) as channel:
-            while line := await read_line(channel):
-                command, _, argument = line.decode().partition(" ")
-                if command == "drain" and self.state is State.SERVING:
-                    self._successor = int(argument)
-                    self._log.info("the keeper handed over to %s", argument)
-                    self._begin_drain(handover=True)
-        self._log.warning("the keeper %s is gone", self.keeper_pid)
+        ``main``: the handover is committed, this process is in charge. From a keeper
+        also ``pause``, ``resume`` and ``drain``. The channel closing means the other
+        side is gone: a successor of a process is then on its own, and in charge.
+        """
+        assert self._inheritance is not None
+        async with _surviving(self._log, "following the channel"):
+            reader = LineReader(trio.socket.from_stdlib_socket(self._inheritance.channel.dup()))
+            with reader.socket:
+                while line := (await reader.receive())[0]:
+                    self._on_word(line.decode(errors="replace"))
+            if self.keeper_pid is not None:
+                self._log.warning("the keeper %s is gone", self.keeper_pid)
+                return
+            if not self._in_charge.is_set() and self.state is not State.STOPPED:
+                self._log.warning("predecessor %s is gone: in charge", self.predecessor_pid)
+                self._take_charge()
+        if self.keeper_pid is None:
+            await self._predecessor_exited.wait()
+            for name in self._listeners.close_unclaimed():
+                self._log.warning("inherited listener %s was not opened again: closed it", name)
 
-    async def _run_watchdog(self, predecessor: socket.socket | None) -> None:
-        """Ping systemd's watchdog, once this process is the main one."""
+    def _on_word(self, line: str) -> None:
+        command, _, argument = line.partition(" ")
+        if command == "main" and self.state is not State.STOPPED:
+            self._log.info("handed the service: in charge")
+            self._take_charge()
+        elif command == "pause" and self.state is State.SERVING:
+            self._machine.advance(State.PROBATION)
+            self._cancel_accepting()
+            self._log.info(
+                "stopped accepting: the keeper's generation %s is on probation", argument
+            )
+        elif command == "resume" and self.state is State.PROBATION:
+            self._log.info("the keeper's new generation died: accepting again")
+            self._machine.advance(State.SERVING)
+        elif command == "drain" and self.state in (State.SERVING, State.PROBATION):
+            self._log.info("the keeper handed over to %s", argument)
+            self._machine.advance(State.DRAINING)
+            self._stop_accepting()
+
+    async def _watch_predecessor(self) -> None:
+        """Set :attr:`_predecessor_exited` when it exits (at once if there is none)."""
+        if self._inheritance is not None and self.keeper_pid is None:
+            await trio.lowlevel.wait_readable(self._inheritance.pidfd)
+        self._predecessor_exited.set()
+
+    async def _run_watchdog(self) -> None:
+        """Ping systemd's watchdog while this process is the main one."""
         assert self._notifier is not None
         assert self._watchdog is not None
         with self._watchdog_scope:
-            if predecessor is not None:
-                with trio.socket.from_stdlib_socket(shared_dup(predecessor)) as channel:
-                    await read_line(channel)  # "main", or closed: either way we are main
             await run_watchdog(self._notifier, self._watchdog)
 
     def _on_restart_signal(self, sig: int) -> None:
-        if self.keeper_pid is not None:
+        if self._inheritance is not None and self.keeper_pid is not None:
             self._log.info("%s: passing it on to the keeper %d", _signal_name(sig), self.keeper_pid)
-            os.kill(self.keeper_pid, signal.SIGHUP)
-        elif self.state is State.SERVING:
+            try:
+                signal.pidfd_send_signal(self._inheritance.pidfd, signal.SIGHUP)
+            except ProcessLookupError:
+                self._log.error(
+                    "%s ignored: the keeper %d is gone", _signal_name(sig), self.keeper_pid
+                )
+        elif self.state is State.SERVING and self._in_charge.is_set():
             self._nursery.start_soon(self._restart_quietly)
+        elif self.state in (State.RESTARTING, State.PROBATION) or (
+            self.state is State.SERVING and not self._in_charge.is_set()
+        ):
+            self._log.info("%s: a restart will follow the one under way", _signal_name(sig))
+            self._restart_pending = True
         else:
             self._log.info("%s ignored: %s", _signal_name(sig), self.state.value)
 
@@ -575,30 +704,22 @@ class GracefulRestart:
             self._notifier.send(fields)
 
     def _close(self) -> None:
-        """The last word of a process: release everything, say goodbye if not handed over."""
+        """The last word of a process: release everything, say goodbye if in charge."""
         if self.state is not State.DRAINING:  # the body failed before any drain began
             self._machine.advance(State.DRAINING)
         self._machine.advance(State.STOPPED)
         self._listeners.close()
-        if self._successor is None and self._options.pid_file is not None:
+        if self._in_charge.is_set() and self._options.pid_file is not None:
             remove_pid_file(self._options.pid_file, self._pid)  # only if it still names us
-        if self._successor_channel is not None:
-            self._successor_channel.close()
+        if self._successor is not None:
+            self._successor.channel.close()
+            self._successor.close()
         if self._inheritance is not None:
             self._inheritance.channel.close()
+            os.close(self._inheritance.pidfd)
         if self._notifier is not None:
             self._notifier.close()
         self._log.info("exiting (%d lease(s) left)", self._leases.count)
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _address(sock: socket.socket) -> str:
@@ -614,6 +735,36 @@ def _signal_name(sig: int) -> str:
     return signal.Signals(sig).name
 
 
+def _activated_sockets(pid: int) -> list[tuple[str, socket.socket]]:
+    """The sockets systemd passed us (socket activation, or the fd store)."""
+    inherited = listen_fds(os.environ, pid)
+    sockets = []
+    try:
+        for activated in inherited:
+            sockets.append((activated.name, socket.socket(fileno=activated.fd)))
+    except OSError as error:
+        for _, sock in sockets:
+            sock.close()
+        raise SocketActivationError(
+            f"systemd passed fd {activated.fd} ({activated.name!r}), which is not a socket: "
+            f"{error.strerror} (only ListenStream=/ListenDatagram= sockets can be served)"
+        ) from None
+    return sockets
+
+
+@asynccontextmanager
+async def _surviving(log: PrefixLog, what: str) -> AsyncIterator[None]:
+    """A background task's body: an unexpected error is logged, never fatal to the server."""
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed; still serving", what)
+
+
+_active: GracefulRestart | None = None
+"""The process's one GracefulRestart, while :func:`open` runs."""
+
+
 @asynccontextmanager
 async def open(
     **options: Any,  # noqa: ANN401 - validated by Options, which names a bad one
@@ -621,19 +772,20 @@ async def open(
     """Run a server that can be restarted and shut down gracefully.
 
     An async context manager yielding a :class:`GracefulRestart`. It must run in the
-    main thread (it handles signals). Its body runs inside a nursery the library owns,
-    next to the signal task; the body ends, by cancellation, once a shutdown or a handover
-    has drained, and :func:`open` then returns normally. If the body ends by itself the
-    same shutdown runs first; if it raises, the exception propagates unchanged.
+    main thread (it handles signals), once at a time. Its body runs inside a nursery the
+    library owns, next to the signal task; the body ends, by cancellation, once a
+    shutdown or a handover has drained, and :func:`open` then returns normally. If the
+    body ends by itself the same shutdown runs first; if it raises, the exception
+    propagates unchanged (its cause and context intact).
 
     Args:
         **options: see :class:`Options` (``drain_timeout``, ``ready_timeout``,
-            ``pid_file``, ``restart_signals``, ``shutdown_signals``, ``command``,
-            ``logger``, ``systemd``).
+            ``probation``, ``pid_file``, ``restart_signals``, ``shutdown_signals``,
+            ``command``, ``logger``, ``systemd``).
 
     Raises:
         TypeError, ValueError: an option is wrong; the message names it.
-        UsageError: not in the main thread.
+        UsageError: not in the main thread, or another :func:`open` is running.
         PidFileError: the pid file's directory does not exist.
         InheritanceError: what a predecessor or systemd passed is malformed.
 
@@ -648,8 +800,11 @@ async def open(
 
         trio.run(main)
     """
+    global _active  # noqa: PLW0603 - one per process, by nature
     settings = Options(**options)
     check_main_thread()
+    if _active is not None:
+        raise UsageError("graceful_restart_trio.open() is already running in this process")
     if settings.pid_file is not None:
         check_pid_file(settings.pid_file)
     pid = os.getpid()
@@ -665,11 +820,12 @@ async def open(
             len(inherited),
         )
     else:
-        inherited = [(s.name, socket.socket(fileno=s.fd)) for s in listen_fds(os.environ, pid)]
+        inherited = _activated_sockets(pid)
     gr: GracefulRestart | None = None
+    escaped: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            gr = GracefulRestart(
+            gr = _active = GracefulRestart(
                 options=settings,
                 nursery=nursery,
                 log=log,
@@ -683,21 +839,56 @@ async def open(
             handlers: dict[Any, Callable[[Any], None]] = {}
             handlers.update(dict.fromkeys(settings.restart_signals, gr._on_restart_signal))
             handlers.update(dict.fromkeys(settings.shutdown_signals, gr._on_shutdown_signal))
-            await nursery.start(receive_signals, handlers)
+            await nursery.start(receive_signals, handlers, log)
+            nursery.start_soon(gr._watch_predecessor)
             try:
                 yield gr
             finally:
                 gr.shutdown()
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+        escaped = _unwrap(group)
+        if escaped is None:
+            raise
     finally:
+        _active = None
         if gr is not None:
             gr._close()
         else:
-            ListenerRegistry(inherited).close()
-            if inheritance is not None:
-                inheritance.channel.close()
-            if notifier is not None:
-                notifier.close()
+            _close_unused(inherited, inheritance, notifier)
+    if escaped is not None:
+        raise escaped  # outside the handler: its __cause__ and __context__ stay its own
+
+
+def _close_unused(
+    inherited: list[tuple[str, socket.socket]],
+    inheritance: Inheritance | None,
+    notifier: Notifier | None,
+) -> None:
+    """What :func:`open` took before it failed to start."""
+    ListenerRegistry(inherited).close()
+    if inheritance is not None:
+        inheritance.channel.close()
+        os.close(inheritance.pidfd)
+    if notifier is not None:
+        notifier.close()
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception a nursery wrapped, or one ``Cancelled`` if it is all cancellations."""
+    only: BaseException = group.exceptions[0]
+    if len(group.exceptions) == 1 and not isinstance(only, BaseExceptionGroup):
+        return only
+    leaves = _leaves(group)
+    if leaves and all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        return leaves[0]
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exception in group.exceptions:
+        if isinstance(exception, BaseExceptionGroup):
+            leaves += _leaves(exception)
+        else:
+            leaves.append(exception)
+    return leaves

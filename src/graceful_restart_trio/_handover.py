@@ -6,41 +6,51 @@ Theory of operation
 The predecessor starts the successor with these file descriptors (see ``_spawn``):
 
 * fd 3: its end of a private ``AF_UNIX`` stream socket pair, the *channel*;
-* fd 4, 5, ...: the listening sockets, in the order the variable below lists them.
+* fd 4: a pidfd naming the predecessor (or the keeper), so that the successor can wait
+  for it and signal it without ever naming another process by a reused pid;
+* fd 5, 6, ...: the listening sockets, in the order the variable below lists them.
 
 and one environment variable, :data:`ENV_VAR`, holding JSON::
 
-    {"version": 1, "generation": 2, "predecessor": 4242, "channel": 3,
-     "listeners": [["tcp:127.0.0.1:8000", 4], ["unix:/run/app.sock", 5]],
+    {"version": 1, "generation": 2, "predecessor": 4242, "channel": 3, "pidfd": 4,
+     "listeners": [["tcp:127.0.0.1:8000", 5], ["unix:/run/app.sock", 6]],
      "socket_files": ["unix:/run/app.sock"]}
 
 (``socket_files``: the unix listeners whose socket file the library created, and which
 the last generation removes when it stops for good; a file systemd made is not listed.)
 
-The successor reads and removes the variable as it starts. It opens its listeners from
-the inherited sockets and, once they accept, writes ``ready\\n`` on the channel. The
-predecessor then stops accepting (the sockets are shared, so nothing queued is lost),
-drains, and exits. If the channel closes before ``ready`` came, the successor died.
+The successor reads and removes the variable as it starts, and trusts it only if the
+channel's peer (``SO_PEERCRED``) and the pidfd both name the predecessor (or keeper) the
+variable names. It opens its listeners from the inherited sockets and, once they accept,
+writes ``ready\\n`` on the channel. The predecessor then stops accepting (the sockets
+are shared, so nothing queued is lost) and watches the successor through its probation;
+if it survives, the predecessor commits the handover, drains, and exits. If the channel
+closes before ``ready`` came, the successor died.
 
 Under a *keeper* (``"keeper": <pid>`` in the variable, see ``_keeper``) the keeper plays
 the predecessor's part for every generation, and "predecessor" may be null. A generation
 then says ready with the names of its listeners, ``ready ["tcp:...", ...]\\n``, and passes
 the listening sockets along (``SCM_RIGHTS``), so that the keeper holds them for the next
-generation; later the keeper tells it ``drain <successor pid>\\n`` when a successor took
-over.
+generation. The keeper tells it ``main\\n`` once it is in charge; later ``pause\\n``
+when a successor is ready (stop accepting, keep the sockets), then ``resume\\n`` if that
+successor died during its probation, or ``drain <successor pid>\\n`` once the successor
+took over.
 
 Without a keeper, once the predecessor has told systemd that the successor is the main
-process (``MAINPID=``), it writes ``main\\n`` on the channel: only then may the successor
-speak to systemd as the main process (the watchdog pings, say).
+process (``MAINPID=``), it writes ``main\\n`` on the channel: only then is the successor
+in charge: it writes the pid file, pings systemd's watchdog, and may restart in turn.
 """
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
 import stat
+import sys
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, final
 
 import attrs
@@ -53,18 +63,19 @@ __all__ = [
     "MAIN",
     "READY",
     "Inheritance",
+    "LineReader",
     "encode",
     "parse_ready",
     "read_inheritance",
-    "read_line",
     "send_ready",
-    "wait_ready",
 ]
 
 ENV_VAR = "GRACEFUL_RESTART_TRIO"
 VERSION = 1
 READY = b"ready\n"
 MAIN = b"main\n"
+_MAX_FDS = 253
+"""``SCM_MAX_FD``: the most file descriptors one message can carry."""
 
 
 @final
@@ -76,6 +87,8 @@ class Inheritance:
     predecessor: int | None
     channel: socket.socket
     listeners: list[tuple[str, socket.socket]]
+    pidfd: int
+    """Names the predecessor, or the keeper: whoever holds the other end of the channel."""
     keeper: int | None = None
     socket_files: frozenset[str] = frozenset()
 
@@ -88,12 +101,13 @@ def encode(
     socket_files: list[str] | None = None,
 ) -> str:
     """The value of :data:`ENV_VAR` for a successor started with the fd layout above."""
-    listeners = [[name, 4 + index] for index, name in enumerate(listener_names)]
+    listeners = [[name, 5 + index] for index, name in enumerate(listener_names)]
     data: dict[str, object] = {
         "version": VERSION,
         "generation": generation,
         "predecessor": predecessor,
         "channel": 3,
+        "pidfd": 4,
         "listeners": listeners,
         "socket_files": socket_files or [],
     }
@@ -124,6 +138,42 @@ def _optional_pid(data: dict[str, Any], key: str) -> int | None:
     return pid
 
 
+def _check_peer(channel: int, pidfd: int, peer: int | None) -> None:
+    """Trust the variable only if the channel and the pidfd both lead to ``peer``.
+
+    Whoever sets the variable could otherwise receive our listening sockets (with a
+    keeper, on ``ready``) or have us signal any pid it names.
+    """
+    if peer is None:
+        raise InheritanceError(f"{ENV_VAR}: names neither a predecessor nor a keeper")
+    try:
+        with socket.socket(fileno=os.dup(channel)) as sock:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError as error:
+        raise InheritanceError(f"{ENV_VAR}: fd {channel} is not a channel: {error}") from None
+    sender = int.from_bytes(credentials[:4], sys.byteorder, signed=True)
+    named = _pidfd_pid(pidfd)
+    if sender != peer or named != peer:
+        raise InheritanceError(
+            f"{ENV_VAR} names pid {peer}, but the channel leads to pid {sender} and the "
+            f"pidfd names pid {named}: not handed over by our predecessor"
+        )
+    os.set_inheritable(pidfd, False)
+
+
+def _pidfd_pid(fd: int) -> int | None:
+    """The pid a pidfd names (from ``/proc/self/fdinfo``); None if ``fd`` is not a pidfd."""
+    try:
+        info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    except OSError:
+        return None
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Pid":
+            return int(value)
+    return None
+
+
 def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
     """Read and remove :data:`ENV_VAR`; None when this process is a first start.
 
@@ -146,6 +196,7 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
     predecessor = _optional_pid(data, "predecessor")
     keeper = _optional_pid(data, "keeper")
     channel_fd = _int(data, "channel")
+    pidfd = _int(data, "pidfd")
     socket_files = data.get("socket_files", [])
     if not isinstance(socket_files, list) or not all(isinstance(n, str) for n in socket_files):
         raise InheritanceError(f"{ENV_VAR}: 'socket_files' is not a list of names")
@@ -160,7 +211,7 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
             and isinstance(entry[1], int)
         ):
             raise InheritanceError(f"{ENV_VAR}: bad listener entry {entry!r}")
-    fds = [channel_fd, *(fd for _, fd in entries)]
+    fds = [channel_fd, pidfd, *(fd for _, fd in entries)]
     if min(fds) < 3:
         raise InheritanceError(f"{ENV_VAR}: file descriptors must be 3 or more: {fds}")
     if len(set(fds)) != len(fds):
@@ -170,28 +221,20 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
             is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
         except (OSError, OverflowError):
             raise InheritanceError(f"{ENV_VAR}: fd {fd} is not open") from None
-        if not is_socket:
+        if not is_socket and fd != pidfd:
             raise InheritanceError(f"{ENV_VAR}: fd {fd} is not a socket")
+    peer = keeper or predecessor
+    _check_peer(channel_fd, pidfd, peer)
     del environ[ENV_VAR]
     return Inheritance(
         generation=generation,
         predecessor=predecessor,
         channel=_socket(channel_fd),
         listeners=[(name, _socket(fd)) for name, fd in entries],
+        pidfd=pidfd,
         keeper=keeper,
         socket_files=frozenset(socket_files),
     )
-
-
-async def wait_ready(channel: trio.socket.SocketType) -> bool:
-    """Read the channel until the successor says ready (True) or closes it (False)."""
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = await channel.recv(64)
-        if not chunk:
-            return False
-        received += chunk
-    return received == READY
 
 
 def send_ready(channel: socket.socket, listeners: list[tuple[str, int]] | None) -> None:
@@ -209,6 +252,8 @@ def parse_ready(line: bytes, sockets: int) -> list[str]:
     Raises:
         InheritanceError: the line is not that, or names more or fewer than ``sockets``.
     """
+    if line == READY.strip() and not sockets:
+        return []
     command, _, argument = line.partition(b" ")
     try:
         names = json.loads(argument) if command == b"ready" else None
@@ -221,12 +266,52 @@ def parse_ready(line: bytes, sockets: int) -> list[str]:
     return names
 
 
-async def read_line(channel: trio.socket.SocketType) -> bytes:
-    """The next line the channel carries (without its newline); b"" once it is closed."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = await channel.recv(1)
-        if not byte:
-            return b""
-        line += byte
-    return line[:-1]
+@final
+@attrs.define(eq=False)
+class LineReader:
+    """Reads a channel line by line, with the file descriptors sent along (``SCM_RIGHTS``).
+
+    Synopsis::
+
+        reader = LineReader(trio.socket.from_stdlib_socket(sock))
+        line, fds = await reader.receive()  # b"" once the other end has closed
+    """
+
+    socket: trio.socket.SocketType
+    _buffer: bytes = b""
+    _fds: list[int] = attrs.field(factory=list)
+
+    async def receive(self) -> tuple[bytes, list[int]]:
+        """The next line (without its newline) and the fds that came since the last one.
+
+        The fds are the caller's to close. b"" once the channel is closed.
+
+        Raises:
+            InheritanceError: more fds were sent than one message can carry (all closed).
+        """
+        while b"\n" not in self._buffer:
+            data, ancillary, flags, _ = await self.socket.recvmsg(
+                4096, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % 4])
+                    self._fds += received
+            if flags & socket.MSG_CTRUNC:
+                self.close_fds()
+                raise InheritanceError("sent more file descriptors than one message can carry")
+            if not data:
+                return b"", self._take_fds()
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line, self._take_fds()
+
+    def _take_fds(self) -> list[int]:
+        fds, self._fds = self._fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        """Close the fds received and not yet returned."""
+        for fd in self._take_fds():
+            os.close(fd)

@@ -6,18 +6,23 @@ Theory of operation
 Some process managers follow exactly one pid: PID 1 of a docker or Kubernetes container,
 supervisord, runit, systemd ``Type=simple``. An in-place restart changes the pid that
 serves, which they take for a crash. The keeper is the process they follow instead. It
-never serves and never restarts itself; it plays the predecessor's part of the handover
-protocol (``_handover``) for every *generation* of the application, which it starts as
-its children:
+never serves and never restarts itself; it plays the predecessor's part of a restart
+(``_predecessor``, the very story a serving process plays in direct mode) for every
+*generation* of the application:
 
-1. **start**: generation 1 gets a channel (fd 3) and no listeners; it binds its own, and
-   says ``ready ["name", ...]\\n`` with the listening sockets attached (``SCM_RIGHTS``).
-   The keeper keeps those sockets, and tells systemd ``READY=1``.
+1. **start**: generation 1 gets a channel (fd 3), a pidfd naming the keeper (fd 4) and the
+   sockets the keeper holds: none, or those systemd passed it (socket activation, the fd
+   store). It opens its listeners and says ``ready ["name", ...]\\n`` with the listening
+   sockets attached (``SCM_RIGHTS``). The keeper keeps those sockets, tells it ``main``
+   (it is in charge: it writes its pid file) and tells systemd ``READY=1``.
 2. **restart** (``SIGHUP``, sent to the keeper or passed on by the application): start
-   generation n+1 with the kept sockets at fd 4, 5, ... and wait for its ``ready``, at
-   most ``ready_timeout``. If it exits or times out first, kill its session: the serving
-   generation serves on. Otherwise keep the sockets it sent, write ``drain <new pid>\\n``
-   to the old generation, which stops accepting and drains, and the new one serves.
+   generation n+1 with the kept sockets at fd 5, 6, ... and wait for its ``ready``, at
+   most ``ready_timeout``. If it exits or times out first, kill it and everything it
+   started: the serving generation serves on. Otherwise tell the serving generation
+   ``pause`` (it stops accepting, keeps its sockets) and watch the new one through its
+   probation: if it dies, tell the old one ``resume``; if not, keep the sockets it sent,
+   tell the new one ``main`` and the old one ``drain <new pid>``. A ``SIGHUP`` during a
+   restart is carried out once it is over.
 3. **stop** (``SIGTERM`` or ``SIGINT``): pass the signal on to every live generation; the
    serving one drains, a second signal cuts the drains short. Once every generation has
    exited, the keeper exits with the serving generation's status.
@@ -26,15 +31,19 @@ its children:
    application orphans become its children too: they are reaped silently. If the serving
    generation exits by itself, the keeper stops: it passes ``SIGTERM`` to the draining
    generations, gives them :data:`EXIT_GRACE` seconds, and exits with that status.
+5. **forward** every other catchable signal (``SIGUSR1`` to reopen logs, ``SIGWINCH``,
+   ``SIGQUIT``, ...) to the serving generation, as tini and dumb-init do: none of them may
+   kill the keeper and orphan the application.
 
 The keeper goes through the same :class:`State` table as an application process
 (``_state``): ``STARTING``, ``SERVING`` once generation 1 is ready, ``RESTARTING`` while a
-new generation starts, ``DRAINING`` once it stops (a stop signal, or the serving
-generation exited by itself, or generation 1 never became ready) until every generation
-has exited, then ``STOPPED``.
+new generation starts, ``PROBATION`` while it is watched, ``DRAINING`` once it stops (a
+stop signal, or the serving generation exited by itself, or generation 1 never became
+ready) until every generation has exited, then ``STOPPED``.
 
 The application is unchanged under a keeper: the library notices ``"keeper"`` in what it
-inherits, says ready with its sockets, drains on ``drain``, and passes ``SIGHUP`` on.
+inherits, says ready with its sockets, follows ``pause``/``resume``/``drain``, and passes
+``SIGHUP`` on.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import final
@@ -52,38 +62,59 @@ from typing import final
 import attrs
 import trio
 
-from ._exceptions import InheritanceError, UsageError
+from ._exceptions import (
+    InheritanceError,
+    RestartError,
+    SuccessorExitedError,
+    SuccessorStartError,
+    UsageError,
+)
 from ._handover import ENV_VAR, encode, parse_ready
 from ._logging import PrefixLog
 from ._options import ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
+from ._predecessor import Serving, hand_over
 from ._signals import receive_signals
-from ._spawn import Child, spawn, startup_directory
 from ._state import State, StateMachine
-from ._systemd import Notifier, monotonic_usec, run_watchdog, watchdog_interval
+from ._successor import Successor, startup_directory
+from ._systemd import Notifier, listen_fds, monotonic_usec, run_watchdog, watchdog_interval
 
 __all__ = ["EXIT_GRACE", "Generation", "Keeper", "KeeperStatistics"]
 
 LOGGER = "graceful_restart_trio.keeper"
 
 EXIT_GRACE = 10.0
-"""Seconds a generation gets to exit by itself before its session is killed: after it
-closed its channel without saying ready, or once the serving generation exited by itself."""
+"""Seconds the draining generations get to exit once the serving one exited by itself."""
 
 _PR_SET_CHILD_SUBREAPER = 36
-_MAX_FDS = 253
-"""``SCM_MAX_FD``: the most file descriptors one message can carry."""
 _NOT_INHERITED = ("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
 """The keeper is systemd's main process: these are its own, never a generation's."""
-
-
-class _NotReadyError(Exception):
-    """A generation exited, or said something other than ``ready [...]``."""
-
-
-class _ChannelClosedError(_NotReadyError):
-    """A generation closed its channel before it said ready: it is on its way out."""
-
+_OWN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+_FORWARDED = frozenset(
+    sig
+    for sig in signal.valid_signals()
+    if isinstance(sig, signal.Signals)
+    and sig not in _OWN_SIGNALS
+    and sig
+    not in {
+        signal.SIGKILL,
+        signal.SIGSTOP,
+        signal.SIGTSTP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGPIPE,
+        signal.SIGSEGV,
+        signal.SIGBUS,
+        signal.SIGFPE,
+        signal.SIGILL,
+        signal.SIGABRT,
+        signal.SIGTRAP,
+        signal.SIGSYS,
+        signal.SIGURG,
+    }
+)
+"""What the keeper passes on to the serving generation: every signal a process manager
+or an operator may send that has no meaning for the keeper itself."""
 
 Listeners = list[tuple[str, socket.socket]]
 
@@ -91,98 +122,43 @@ Listeners = list[tuple[str, socket.socket]]
 @final
 @attrs.define(eq=False)
 class Generation:
-    """One copy of the application the keeper started, and its end of the channel.
+    """One copy of the application the keeper started.
 
-    Its pid stays valid until the keeper reaps it (``status`` is set then), so signals
-    sent while ``status`` is None cannot reach another process.
+    It is named by a pidfd (see :class:`Successor`), so no signal can reach another
+    process that got its pid later.
     """
 
     number: int
-    child: Child
-    channel: trio.socket.SocketType
-    _raw_channel: socket.socket  # the same socket, for socket.recv_fds
+    successor: Successor
     status: int | None = None
-    ready: bool = False
     exited: trio.Event = attrs.field(factory=trio.Event)
-    _alive: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     @property
     def pid(self) -> int:
         """The process id (also its process group and session id)."""
-        return self.child.pid
+        return self.successor.pid
 
     def __str__(self) -> str:
         return f"generation {self.number} pid {self.pid}"
 
     def send_signal(self, sig: int) -> None:
-        """Send ``sig`` unless it has exited and been reaped."""
+        """Send ``sig`` unless it has exited."""
         if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+            self.successor.send_signal(sig)
 
-    async def receive_ready(self) -> Listeners:
-        """Wait for ``ready [names]\\n``; return the listening sockets it came with.
-
-        Cancelled if the generation exits meanwhile (see :meth:`reaped`).
-
-        Raises:
-            _NotReadyError: it exited, or said something else.
-            _ChannelClosedError: it closed the channel first.
-        """
-        with self._alive:
-            return await _receive_ready(self.channel, self._raw_channel)
-        raise _NotReadyError("exited")
-
-    async def send_drain(self, successor: int) -> None:
-        """Tell it that ``successor`` took over: it stops accepting and drains.
-
-        Raises:
-            OSError: it is gone.
-        """
-        data = f"drain {successor}\n".encode()
-        while data:
-            data = data[await self.channel.send(data) :]
+    def tell(self, line: str) -> None:
+        """Write ``line`` on its channel (``main``, ``pause``, ``resume``, ``drain <pid>``)."""
+        try:
+            os.write(self.successor.channel.fileno(), f"{line}\n".encode())
+        except OSError as error:
+            logging.getLogger(LOGGER).warning("cannot tell %s %r: %s", self, line, error)
 
     def reaped(self, status: int) -> None:
         """Record its exit status and wake whoever waits for it."""
         self.status = status
-        self.child.close()
-        self._alive.cancel()
-        if self.ready:  # nobody reads the channel any more; otherwise its reader closes it
-            self.channel.close()
+        self.successor.channel.close()
+        self.successor.close()
         self.exited.set()
-
-
-async def _receive_ready(channel: trio.socket.SocketType, raw: socket.socket) -> Listeners:
-    """Read one ``ready [names]`` line and the listening sockets that came with it."""
-    socks: list[socket.socket] = []
-    try:
-        names = parse_ready(await _read_line(channel, raw, socks), len(socks))
-    except BaseException:
-        _close_listeners([("", sock) for sock in socks])
-        raise
-    return list(zip(names, socks, strict=True))
-
-
-async def _read_line(
-    channel: trio.socket.SocketType, raw: socket.socket, socks: list[socket.socket]
-) -> bytes:
-    """One line, which may come in pieces; the fds come with its first byte, into ``socks``."""
-    data = b""
-    while b"\n" not in data:
-        await trio.lowlevel.wait_readable(channel)
-        try:
-            chunk, fds, flags, _ = socket.recv_fds(raw, 4096, _MAX_FDS, socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
-            continue
-        # socket(fileno=) leaves O_NONBLOCK alone: the application shares that flag.
-        socks += [socket.socket(fileno=fd) for fd in fds]
-        if flags & socket.MSG_CTRUNC:
-            raise _NotReadyError("sent more sockets than one message can carry")
-        if not chunk:
-            raise _ChannelClosedError("closed its channel")
-        data += chunk
-    return data.partition(b"\n")[0]
 
 
 @final
@@ -194,7 +170,7 @@ class KeeperStatistics:
         state: where the keeper is in its life (the same :class:`State` table as a process).
         pid: the keeper's own pid, which never changes.
         serving: the pid of the serving generation, or None.
-        starting: the pid of a generation starting (first start or restart), or None.
+        starting: the pid of a generation starting or on probation, or None.
         draining: the pids of older generations still running.
         generations: how many generations were started so far.
         listeners: the names of the listening sockets the keeper holds.
@@ -215,6 +191,12 @@ def _command_list(command: Sequence[str]) -> list[str]:
     return list(command)
 
 
+def _probation(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"probation must be 0 or a positive number of seconds, not {value!r}")
+    return float(value)
+
+
 @final
 @attrs.define(eq=False)
 class Keeper:
@@ -231,11 +213,13 @@ class Keeper:
     Args:
         command: the application's command line; it must use this library.
         ready_timeout: seconds a new generation gets to say ready.
+        probation: seconds a ready new generation is watched before the old one drains.
         pid_file: where to write the keeper's own pid (removed at exit), or None.
     """
 
     command: list[str] = attrs.field(converter=_command_list)
     ready_timeout: float = attrs.field(default=60.0, converter=ready_seconds)
+    probation: float = attrs.field(default=5.0, converter=_probation)
     pid_file: Path | None = None
     _log: PrefixLog = attrs.field(
         init=False, factory=lambda: PrefixLog(logging.getLogger(LOGGER), f"[keeper {os.getpid()}]")
@@ -246,11 +230,16 @@ class Keeper:
     _notifier: Notifier | None = attrs.field(init=False, default=None)
     _live: dict[int, Generation] = attrs.field(init=False, factory=dict)
     _serving: Generation | None = attrs.field(init=False, default=None)
-    _starting: Generation | None = attrs.field(init=False, default=None)
+    _old: Generation | None = attrs.field(init=False, default=None)
+    """During a restart: the generation that serves."""
+    _new: Generation | None = attrs.field(init=False, default=None)
+    """During a restart: the new generation, once it is ready."""
     _listeners: Listeners = attrs.field(init=False, factory=list)
     _generations: int = attrs.field(init=False, default=0)
     _stop_requests: int = attrs.field(init=False, default=0)
+    _restart_pending: bool = attrs.field(init=False, default=False)
     _start_failure: int | None = attrs.field(init=False, default=None)
+    _handover_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _stopped: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     @property
@@ -260,16 +249,14 @@ class Keeper:
 
     def statistics(self) -> KeeperStatistics:
         """A snapshot of the state, the generations and the listeners held."""
-        serving = self._serving if self._machine.state is not State.STARTING else None
-        starting = self._starting or (
-            self._serving if self._machine.state is State.STARTING else None
-        )
+        serving = self._serving.pid if self._serving and self._serving.status is None else None
+        starting = self._new.pid if self._new and self._new is not self._serving else None
         return KeeperStatistics(
             state=self._machine.state,
             pid=self._pid,
-            serving=serving.pid if serving is not None and serving.status is None else None,
-            starting=starting.pid if starting is not None and starting.status is None else None,
-            draining=tuple(pid for pid, g in self._live.items() if g not in (serving, starting)),
+            serving=serving,
+            starting=starting,
+            draining=tuple(pid for pid in self._live if pid not in (serving, starting)),
             generations=self._generations,
             listeners=tuple(name for name, _ in self._listeners),
         )
@@ -284,14 +271,17 @@ class Keeper:
 
         Raises:
             PidFileError: the pid file cannot be written.
+            InheritanceError: what systemd passed (``NOTIFY_SOCKET``, ``LISTEN_FDS``) is
+                malformed.
             UsageError: the keeper was run before.
         """
         if self._nursery is not None or self._machine.state is not State.STARTING:
             raise UsageError("a Keeper runs once")
         _become_subreaper()
+        self._notifier = Notifier.from_environ(os.environ)  # checked before anything is made
+        self._listeners = _activated_sockets(self._pid)
         if self.pid_file is not None:
             write_pid_file(self.pid_file, self._pid)
-        self._notifier = Notifier.from_environ(os.environ)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -301,7 +291,8 @@ class Keeper:
                     signal.SIGINT: self._on_stop_signal,
                     signal.SIGCHLD: self._on_child_signal,
                 }
-                await nursery.start(receive_signals, handlers)
+                handlers.update(dict.fromkeys(_FORWARDED, self._on_other_signal))
+                await nursery.start(receive_signals, handlers, self._log)
                 self._reap()
                 interval = watchdog_interval(os.environ, self._pid)
                 if self._notifier is not None and interval is not None:
@@ -319,79 +310,146 @@ class Keeper:
         return status
 
     async def _start_first(self) -> None:
-        try:
-            first = self._spawn(predecessor=None)
-        except OSError as error:
-            self._start_failure = 127 if isinstance(error, FileNotFoundError) else 126
-            self._begin_stop("the command cannot be started")
-            return
-        self._serving = first
-        listeners = await self._wait_ready(first)
-        if listeners is None:
-            self._begin_stop(f"{first} never became ready")
-        elif self._machine.state is State.STARTING:
-            self._listeners = listeners
-            self._machine.advance(State.SERVING)
-            self._notify(READY=1, STATUS=f"serving: {first}")
-            self._log.info("%s serving", first)
+        generation = await self._hand_over(old=None)
+        if generation is None:
+            self._begin_stop("generation 1 never became ready")
         else:
-            _close_listeners(listeners)  # stopping: it was told so too
+            self._notify(READY=1, STATUS=f"serving: {generation}")
 
     def _on_restart_signal(self, sig: signal.Signals) -> None:
-        if self._machine.state is not State.SERVING:
+        if self._machine.state in (State.RESTARTING, State.PROBATION):
+            self._log.info("%s: a restart will follow the one under way", sig.name)
+            self._restart_pending = True
+        elif self._machine.state is not State.SERVING:
             self._log.info("%s ignored: %s", sig.name, self._machine.state.value)
-            return
-        self._machine.advance(State.RESTARTING)  # now, so that a burst of signals restarts once
-        self._tasks().start_soon(self._restart)
+        else:
+            self._machine.advance(State.RESTARTING)  # now: a burst of signals restarts once
+            self._tasks().start_soon(self._restart)
 
     async def _restart(self) -> None:
         old = self._serving
-        if self._machine.state is not State.RESTARTING or old is None:  # a stop came first
-            return
+        assert old is not None
         self._log.info("restart requested: %s serves, starting its successor", old)
         self._notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="restarting")
-        new: Generation | None = None
-        listeners = None
-        try:
-            new = self._spawn(predecessor=old.pid)
-        except OSError:
-            pass  # logged
-        else:
-            self._starting = new
-            try:
-                listeners = await self._wait_ready(new)
-            finally:
-                self._starting = None
-        if self._machine.state in (
-            State.DRAINING,
-            State.STOPPED,
-        ):  # the new one was told to stop too
-            if listeners is not None:
-                self._log.info("%s is ready, but the keeper is stopping: no handover", new)
-                _close_listeners(listeners)
-            return
-        if new is None or listeners is None:
+        new = await self._hand_over(old)
+        if self._machine.state not in (State.RESTARTING, State.PROBATION):
+            return  # stopping: every generation was told
+        if new is None:
             if old.status is not None:
                 self._stop_by_itself(old)
                 return
             self._machine.advance(State.SERVING)
             self._notify(READY=1, STATUS=f"serving: {old}; restart failed")
             self._log.error("restart failed: %s serves on", old)
-            return
-        _close_listeners(self._listeners)
-        self._listeners = listeners
-        self._serving = new
-        self._machine.advance(State.SERVING)
-        self._notify(READY=1, STATUS=f"serving: {new}")
-        if old.status is not None:
-            self._log.info("%s serving; %s had already exited", new, old)
-            return
-        try:
-            await old.send_drain(new.pid)
-        except OSError as error:
-            self._log.warning("cannot tell %s to drain: %s", old, error)
         else:
-            self._log.info("handed over from %s to %s: it is draining", old, new)
+            self._machine.advance(State.SERVING)
+            self._notify(READY=1, STATUS=f"serving: {new}")
+        if self._restart_pending:
+            self._restart_pending = False
+            self._log.info("carrying out the restart asked for during the last one")
+            self._on_restart_signal(signal.SIGHUP)
+
+    async def _hand_over(self, old: Generation | None) -> Generation | None:
+        """The predecessor's story for the next generation; None if it did not take over."""
+        number = self._generations + 1
+        self._generations = number
+        self._old, self._new = old, None
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
+        names = [name for name, _ in self._listeners]
+        env[ENV_VAR] = encode(number, old.pid if old else None, names, keeper=self._pid)
+        serving = Serving(self._pause, self._resume, self._commit, self._retire)
+        try:
+            me = os.pidfd_open(self._pid)
+        except OSError as error:
+            self._log.error("generation %d: cannot open a pidfd for the keeper: %s", number, error)
+            return None
+        self._handover_scope = trio.CancelScope()
+        try:
+            with self._handover_scope:
+                _, line, fds = await hand_over(
+                    serving,
+                    self.command,
+                    env=env,
+                    cwd=startup_directory(),
+                    fds=[me, *(sock.fileno() for _, sock in self._listeners)],
+                    ready_timeout=self.ready_timeout,
+                    probation=self.probation if old else 0.0,
+                    log=self._log,
+                    label=f"generation {number} pid {{}}",
+                )
+                return self._took_over(line, fds)
+        except SuccessorStartError as error:
+            self._log.error("generation %d: %s", number, error)
+            if old is None:
+                self._start_failure = 127 if "No such file" in str(error) else 126
+        except RestartError as error:
+            self._log.warning("generation %d: %s", number, error)
+            if old is None and isinstance(error, SuccessorExitedError):
+                self._start_failure = _exit_code(error.returncode)
+        finally:
+            self._handover_scope = None
+            os.close(me)
+        return None  # failed, or abandoned: a stop came
+
+    def _took_over(self, line: bytes, fds: list[int]) -> Generation:
+        generation = self._new
+        assert generation is not None
+        _close_listeners(self._listeners)
+        self._listeners = []
+        try:
+            names = parse_ready(line, len(fds))
+            socks = [_listening_socket(fd) for fd in fds]
+        except (InheritanceError, OSError) as error:  # it passed something odd: keep nothing
+            self._log.error("%s said ready with %s: holding no listeners", generation, error)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        else:
+            self._listeners = list(zip(names, socks, strict=True))
+        self._log.info("%s serving with %d listener(s)", generation, len(self._listeners))
+        return generation
+
+    # The serving side of the predecessor's story (see _predecessor.Serving): the serving
+    # generation is told what to do; the new one becomes a Generation.
+
+    def _adopt(self, successor: Successor) -> Generation:
+        """From now on it is ours to reap (once the launcher lets it go) and to stop."""
+        self._new = Generation(self._generations, successor)
+        self._live[successor.pid] = self._new
+        return self._new
+
+    def _pause(self, successor: Successor) -> None:
+        if self.state not in (State.STARTING, State.RESTARTING):
+            raise RestartError(f"abandoned: the keeper is {self.state.value}")
+        self._adopt(successor)
+        if self._old is not None:
+            self._machine.advance(State.PROBATION)
+            self._old.tell(f"pause {successor.pid}")
+
+    def _resume(self, _error: Exception) -> None:
+        if self._new is not None:
+            self._live.pop(self._new.pid, None)  # the launcher reaped it
+            self._new = None
+        if self._old is not None and self.state is State.PROBATION:
+            self._machine.advance(State.RESTARTING)
+            self._old.tell("resume")
+
+    def _commit(self, successor: Successor) -> None:
+        if self.state not in (State.STARTING, State.PROBATION):
+            raise RestartError(f"abandoned: the keeper is {self.state.value}")
+        assert self._new is not None  # adopted when it paused the old one
+        self._serving = self._new
+        if self.state is State.STARTING:
+            self._machine.advance(State.SERVING)
+        self._new.tell("main")
+        if self._old is not None:
+            self._old.tell(f"drain {successor.pid}")
+            self._log.info("handed over from %s to %s", self._old, self._new)
+
+    def _retire(self, successor: Successor) -> None:
+        # Only a stop abandons a restart here, and a stop tells every live generation.
+        generation = self._new or self._adopt(successor)
+        self._log.info("%s on probation stops with the others", generation)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._stop_requests += 1
@@ -402,12 +460,23 @@ class Keeper:
             self._log.info("passing %s on to %s", sig.name, generation)
             generation.send_signal(sig)
 
+    def _on_other_signal(self, sig: signal.Signals) -> None:
+        serving = self._serving
+        if serving is not None and serving.status is None:
+            self._log.info("passing %s on to %s", sig.name, serving)
+            serving.send_signal(sig)
+        else:
+            self._log.info("%s ignored: no generation serves", sig.name)
+
     def _begin_stop(self, reason: str) -> None:
-        """Enter STOPPING (once); the keeper ends when no generation is left."""
+        """Enter DRAINING (once); the keeper ends when no generation is left."""
         if self._machine.state not in (State.DRAINING, State.STOPPED):
             self._machine.advance(State.DRAINING)
             self._notify(STOPPING=1, STATUS=f"stopping: {reason}")
             self._log.info("stopping: %s", reason)
+            if self._handover_scope is not None:
+                self._log.info("abandoning the restart under way")
+                self._handover_scope.cancel()
         self._check_stopped()
 
     def _check_stopped(self) -> None:
@@ -430,7 +499,7 @@ class Keeper:
             status = os.waitstatus_to_exitcode(wait_status)
             generation = self._live.pop(pid, None)
             if generation is None:
-                self._log.debug("reaped orphan %d (status %d)", pid, status)
+                self._log.debug("reaped %d (status %d)", pid, status)
                 continue
             generation.reaped(status)
             self._log.info("%s exited with status %d", generation, status)
@@ -441,7 +510,7 @@ class Keeper:
             self._check_stopped()
         elif generation is self._serving and self._machine.state is State.SERVING:
             self._stop_by_itself(generation)
-        elif generation is self._serving and self._machine.state is State.RESTARTING:
+        elif generation is self._serving:
             self._log.warning("the serving %s exited during a restart", generation)
 
     def _stop_by_itself(self, serving: Generation) -> None:
@@ -457,68 +526,9 @@ class Keeper:
         await trio.sleep(EXIT_GRACE)
         for generation in list(self._live.values()):
             self._log.warning("%s still runs after %gs: killing it", generation, EXIT_GRACE)
-            generation.child.kill_session()
+            await generation.successor.kill()
 
     # -- the steps -----------------------------------------------------------------------
-
-    def _spawn(self, predecessor: int | None) -> Generation:
-        """Start the next generation with the listeners held.
-
-        Raises:
-            OSError: the command cannot be started.
-        """
-        number = self._generations + 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
-        names = [name for name, _ in self._listeners]
-        env[ENV_VAR] = encode(number, predecessor, names, keeper=self._pid)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel = trio.socket.from_stdlib_socket(ours)
-        with theirs:
-            try:
-                child = spawn(
-                    self.command,
-                    env=env,
-                    cwd=startup_directory(),
-                    fds=[theirs.fileno(), *(sock.fileno() for _, sock in self._listeners)],
-                )
-            except OSError as error:
-                channel.close()
-                self._log.error("cannot start %r: %s", self.command[0], error)
-                raise
-        self._generations = number
-        generation = Generation(number, child, channel, ours)
-        self._live[child.pid] = generation
-        self._log.info("%s started: %s", generation, " ".join(self.command))
-        return generation
-
-    async def _wait_ready(self, generation: Generation) -> Listeners | None:
-        """Its listeners once it is ready; None if it exits or times out (then it is gone)."""
-        why = f"was not ready within {self.ready_timeout:g}s"
-        grace = 0.0
-        try:
-            with trio.move_on_after(self.ready_timeout):
-                listeners = await generation.receive_ready()
-                generation.ready = True
-                self._log.info("%s is ready with %d listener(s)", generation, len(listeners))
-                return listeners
-        except _ChannelClosedError as error:
-            why, grace = str(error), EXIT_GRACE
-        except (_NotReadyError, InheritanceError) as error:  # the latter: a bad ready line
-            why = str(error)
-        finally:
-            if not generation.ready:
-                generation.channel.close()
-        if generation.status is None and grace:
-            self._log.info("%s %s before it was ready: waiting for it to exit", generation, why)
-            with trio.move_on_after(grace):
-                await generation.exited.wait()
-        if generation.status is None:
-            self._log.warning("%s %s: killing its session", generation, why)
-            generation.child.kill_session()
-            await generation.exited.wait()
-        else:
-            self._log.warning("%s exited before it was ready", generation)
-        return None
 
     def _tasks(self) -> trio.Nursery:
         if self._nursery is None:
@@ -533,14 +543,37 @@ class Keeper:
         """The keeper's last word: nothing of it may outlive it unsupervised."""
         for generation in self._live.values():  # only after a bug: ask them to stop
             generation.send_signal(signal.SIGTERM)
-            generation.child.close()
-            generation.channel.close()
+            generation.successor.channel.close()
+            generation.successor.close()
         _close_listeners(self._listeners)
         self._listeners = []
         if self._notifier is not None:
             self._notifier.close()
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, self._pid)
+
+
+def _listening_socket(fd: int) -> socket.socket:
+    """A socket from an fd a generation sent, once checked.
+
+    Raises:
+        OSError: it is not a socket.
+    """
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        raise OSError(f"fd {fd} is not a socket")
+    # socket(fileno=) leaves O_NONBLOCK alone: the application shares that flag.
+    return socket.socket(fileno=fd)
+
+
+def _activated_sockets(pid: int) -> Listeners:
+    """The sockets systemd passed the keeper: every generation gets them."""
+    sockets = []
+    for activated in listen_fds(os.environ, pid):
+        try:
+            sockets.append((activated.name, _listening_socket(activated.fd)))
+        except OSError:
+            os.close(activated.fd)
+    return sockets
 
 
 def _close_listeners(listeners: Listeners) -> None:

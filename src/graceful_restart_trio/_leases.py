@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import final
 
@@ -50,6 +52,7 @@ class LeaseCounter:
         self._count -= 1
         if not self._count and self._idle is not None:
             self._idle.set()
+            self._idle = None
 
     async def __aenter__(self) -> None:
         self._count += 1
@@ -63,9 +66,23 @@ class LeaseCounter:
         self._count -= 1
         if not self._count and self._idle is not None:
             self._idle.set()
+            self._idle = None
+
+    @contextmanager
+    def taken(self) -> Iterator[None]:
+        """Give back, when the block ends, a lease taken before it (with ``__enter__``).
+
+        For work handed to a task started later: take the lease now, so that a drain
+        beginning meanwhile waits for it.
+        """
+        try:
+            yield
+        finally:
+            self.__exit__(None, None, None)
 
     async def wait_idle(self) -> None:
-        """Return once no lease is held."""
+        """Return once no lease is held. Any number of tasks may wait at once."""
         while self._count:
-            self._idle = trio.Event()
+            if self._idle is None:
+                self._idle = trio.Event()
             await self._idle.wait()

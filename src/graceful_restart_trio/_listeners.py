@@ -70,7 +70,10 @@ class _UnixPath:
     def of(cls, path: str) -> _UnixPath | None:
         if not path or path.startswith("\0"):  # abstract: nothing on disk
             return None
-        info = os.stat(path)
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:  # removed by hand: nothing of ours to remove later
+            return None
         return cls(path, info.st_dev, info.st_ino)
 
     def unlink(self) -> None:
@@ -84,6 +87,8 @@ class _UnixPath:
 
 
 def _remove_stale_unix_socket(path: str) -> None:
+    if path.startswith("\0"):  # abstract: no file; the kernel frees the name
+        return
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -91,11 +96,14 @@ def _remove_stale_unix_socket(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise ListenerError(f"cannot listen on {path}: it exists and is not a socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a full backlog must not block the event loop
         try:
             probe.connect(path)
         except ConnectionRefusedError:
             os.unlink(path)  # nobody listens: left behind by a crash
             return
+        except BlockingIOError:
+            pass  # somebody listens, and is busy
         except OSError as error:
             if error.errno != errno.ENOENT:
                 raise
@@ -159,6 +167,8 @@ class ListenerRegistry:
         self, path: str, mode: int | None, backlog: int | None, name: str | None
     ) -> socket.socket:
         """A socket listening at unix ``path``: inherited, or bound now."""
+        if not path or "\0" in path[1:]:
+            raise ListenerError(f"not a unix socket path: {path!r}")
         path = os.path.abspath(path) if not path.startswith("\0") else path
         name = name or unix_name(path)
 
@@ -196,8 +206,12 @@ class ListenerRegistry:
         return self._own(name, socks or [create()])[0]
 
     def handover(self) -> list[tuple[str, int]]:
-        """The name and fd of every listener a successor should get."""
-        return [(name, sock.fileno()) for name, sock in self._owned]
+        """The name and fd of every listener a successor should get.
+
+        Inherited listeners nobody claimed (yet) go along too: a listener the
+        application opens late must find its socket in every generation.
+        """
+        return [(name, sock.fileno()) for name, sock in self._owned + self._inherited]
 
     def socket_files(self) -> list[str]:
         """Names of the unix listeners whose socket file is ours to remove in the end."""

@@ -40,6 +40,17 @@ def _signals(name: str, value: object) -> frozenset[signal.Signals]:
     return frozenset(result)
 
 
+def _probation(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"probation must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(
+            f"probation must be 0 (off) or a positive number of seconds, not {value!r}"
+        )
+    return seconds
+
+
 def _drain_timeout(value: object) -> float:
     return _seconds("drain_timeout", value)
 
@@ -91,6 +102,9 @@ class Options:
             still under them (default 30).
         ready_timeout: seconds a successor has to say it is ready before it is killed
             and the restart reported as failed (default 60).
+        probation: seconds a ready successor is watched before the handover commits
+            (default 5; 0 turns it off). Meanwhile this process does not accept, but
+            keeps its sockets: if the successor dies, it accepts again.
         restart_signals: signals that start a restart (default ``{SIGHUP}``).
         shutdown_signals: signals that start a graceful shutdown; a second one cuts the
             drain short (default ``{SIGTERM, SIGINT}``).
@@ -106,6 +120,7 @@ class Options:
 
     drain_timeout: float = attrs.field(default=30.0, converter=_drain_timeout)
     ready_timeout: float = attrs.field(default=60.0, converter=ready_seconds)
+    probation: float = attrs.field(default=5.0, converter=_probation)
     restart_signals: frozenset[signal.Signals] = attrs.field(
         default=frozenset({signal.SIGHUP}), converter=_restart_signals
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from ._exceptions import PidFileError
@@ -29,15 +30,20 @@ def write_pid_file(path: Path, pid: int) -> None:
         PidFileError: the file cannot be written; the message says why.
     """
     check_pid_file(path)
-    temporary = path.with_name(f".{path.name}.{pid}.tmp")
+    temporary: str | None = None
     try:
-        with temporary.open("w", encoding="ascii") as file:
+        # A random name, created exclusively (O_EXCL, never through a link): whoever can
+        # write the directory cannot make us truncate another file.
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            os.fchmod(fd, 0o644)
             file.write(f"{pid}\n")
             file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
+            os.fsync(fd)
+        os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         raise PidFileError(f"cannot write pid file {path}: {error}") from error
 
 

@@ -3,15 +3,16 @@
 ``SIGHUP``'s default action kills a process. A restart signal that arrives before
 :func:`graceful_restart_trio.open` installs its handler must not do that, so importing
 this library ignores ``SIGHUP`` at once (if nobody else has claimed it), and successors
-are started with it ignored (see ``_spawn``). The signal task then handles it; when the
+are started with it ignored (see ``_successor``). The signal task then handles it; when the
 task ends trio puts the ignore back.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import trio
 
@@ -40,18 +41,23 @@ def check_main_thread() -> None:
 
 
 async def receive_signals(
-    handlers: dict[signal.Signals, Callable[[signal.Signals], None]],
+    handlers: Mapping[signal.Signals, Callable[[signal.Signals], None]],
+    log: logging.LoggerAdapter,  # type: ignore[type-arg]
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Call ``handlers[sig](sig)`` for each signal that arrives, until cancelled.
 
     Signals are handled from the moment the task has started. trio coalesces a signal
-    that arrives again before the first was handled: a burst counts once.
+    that arrives again before the first was handled: a burst counts once. A handler
+    that raises is logged, and the task goes on: a signal must never kill a server.
     """
     signals: Iterable[signal.Signals] = handlers
     with trio.open_signal_receiver(*signals) as received:
         task_status.started()
         async for signum in received:
             sig = signal.Signals(signum)
-            handlers[sig](sig)
+            try:
+                handlers[sig](sig)
+            except Exception:
+                log.exception("handling %s failed; still serving", sig.name)

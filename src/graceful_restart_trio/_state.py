@@ -5,18 +5,27 @@ Theory of operation
 
 A process starts in ``STARTING``: it opens (or inherits) its listeners. It becomes
 ``SERVING`` when the application calls :meth:`GracefulRestart.ready`. From there a
-restart moves it to ``RESTARTING`` while a successor starts; if the successor fails the
-process goes back to ``SERVING`` as if nothing happened, and if it succeeds the process
-stops accepting and goes to ``DRAINING``. A shutdown also leads to ``DRAINING``. When the
-drain is over (every lease released, or the deadline passed) the process is ``STOPPED``.
+restart moves it to ``RESTARTING`` while a successor starts. If the successor fails, the
+process goes back to ``SERVING`` as if nothing happened. If the successor says it is
+ready, the process stops accepting (keeping its sockets) and watches it through its
+``PROBATION``: if the successor dies then, this process accepts again (``SERVING``); if
+it survives, the handover commits and the process goes to ``DRAINING``. A shutdown also
+leads to ``DRAINING``. When the drain is over (every lease released, or the deadline
+passed) the process is ``STOPPED``.
 
 ::
 
-    STARTING ──ready──▶ SERVING ──restart──▶ RESTARTING ──handover──▶ DRAINING ──▶ STOPPED
-        │                 ▲  │                   │                        ▲
-        │                 │  └────shutdown───────┼────────────────────────┤
-        │                 └──────rollback────────┘                        │
-        └───────────────────────────shutdown──────────────────────────────┘
+    STARTING ─ready─▶ SERVING ─restart─▶ RESTARTING ─ready─▶ PROBATION ─commit─▶ DRAINING ─▶ STOPPED
+       │               ▲ ▲ │                 │                   │                  ▲
+       │               │ └─┼──rollback───────┘                   │                  │
+       │               └───┼──────────rollback───────────────────┘                  │
+       │                   └─────────────────shutdown───────────────────────────────┤
+       └─────────────────────────────────────shutdown───────────────────────────────┘
+
+A shutdown from ``RESTARTING`` or ``PROBATION`` abandons the restart. Under a keeper the
+keeper restarts: a generation goes from ``SERVING`` to ``PROBATION`` when the keeper says
+so. A process accepts connections in ``STARTING`` (once its helpers run), ``SERVING`` and
+``RESTARTING``: :data:`ACCEPTING`.
 
 Every transition not in :data:`TRANSITIONS` raises :class:`UsageError` at once: a bug in
 the story must not go unnoticed.
@@ -28,10 +37,11 @@ import enum
 from typing import final
 
 import attrs
+import trio
 
 from ._exceptions import UsageError
 
-__all__ = ["TRANSITIONS", "State", "StateMachine"]
+__all__ = ["ACCEPTING", "TRANSITIONS", "State", "StateMachine"]
 
 
 class State(enum.Enum):
@@ -40,6 +50,7 @@ class State(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
     RESTARTING = "restarting"
+    PROBATION = "probation"
     DRAINING = "draining"
     STOPPED = "stopped"
 
@@ -49,11 +60,15 @@ class State(enum.Enum):
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.SERVING, State.DRAINING}),
-    State.SERVING: frozenset({State.RESTARTING, State.DRAINING}),
-    State.RESTARTING: frozenset({State.SERVING, State.DRAINING}),
+    State.SERVING: frozenset({State.RESTARTING, State.PROBATION, State.DRAINING}),
+    State.RESTARTING: frozenset({State.SERVING, State.PROBATION, State.DRAINING}),
+    State.PROBATION: frozenset({State.SERVING, State.DRAINING}),
     State.DRAINING: frozenset({State.STOPPED}),
     State.STOPPED: frozenset(),
 }
+
+ACCEPTING = frozenset({State.STARTING, State.SERVING, State.RESTARTING})
+"""The states in which a process accepts new connections."""
 
 
 @final
@@ -62,6 +77,7 @@ class StateMachine:
     """Holds the current :class:`State` and refuses transitions not in the table."""
 
     state: State = State.STARTING
+    _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def advance(self, new: State) -> State:
         """Move to ``new`` and return the state we left.
@@ -73,4 +89,12 @@ class StateMachine:
         if new not in TRANSITIONS[old]:
             raise UsageError(f"illegal state transition {old.value} -> {new.value}")
         self.state = new
+        self._changed.set()
+        self._changed = trio.Event()
         return old
+
+    async def wait_leaving(self, state: State) -> State:
+        """Return the new state once the machine is no longer in ``state``."""
+        while self.state is state:
+            await self._changed.wait()
+        return self.state

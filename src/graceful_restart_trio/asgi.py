@@ -34,7 +34,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from ._graceful_restart import GracefulRestart
-from ._state import State
+from ._state import ACCEPTING
 
 __all__ = ["lease_app", "serve"]
 
@@ -68,7 +68,7 @@ def lease_app(gr: GracefulRestart, app: ASGIApp) -> ASGIApp:
 
 
 async def _close_when_draining(gr: GracefulRestart, send: Send, message: Message) -> None:
-    if message["type"] == "http.response.start" and gr.state is State.DRAINING:
+    if message["type"] == "http.response.start" and gr.state not in ACCEPTING:
         headers = [h for h in message.get("headers", ()) if bytes(h[0]).lower() != b"connection"]
         message = {**message, "headers": [*headers, _CONNECTION_CLOSE]}
     await send(message)
@@ -112,20 +112,10 @@ async def serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         connection = partial(TCPServer, wrapped, config, worker, ConnectionState(lifespan_state))
+        for listener in served:
+            await config.log.info(f"Running on {_describe(listener)}")
         async with gr.lease(), trio.open_nursery() as connections:
-            with gr.accepting():
-                async with trio.open_nursery() as acceptors:
-                    await acceptors.start(
-                        partial(
-                            trio.serve_listeners,
-                            connection,
-                            served,
-                            handler_nursery=connections,
-                        )
-                    )
-                    for listener in served:
-                        await config.log.info(f"Running on {_describe(listener)}")
-                    gr.ready()
+            await gr.accept_connections(served, connection, handler_nursery=connections)
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 

@@ -40,10 +40,15 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _probation(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graceful-restart-keeper",
-        usage="%(prog)s [--pid-file F] [--ready-timeout S] [--log-level L] -- command args...",
+        usage="%(prog)s [--pid-file F] [--ready-timeout S] [--probation S] [--log-level L] "
+        "-- command args...",
         description="Run an application built on graceful_restart_trio under a process "
         "with a stable pid: SIGHUP restarts the application without losing a connection, "
         "SIGTERM/SIGINT drain it and exit with its status.",
@@ -55,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="S",
         help="seconds a new generation gets to say ready (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--probation",
+        type=_probation,
+        default=5.0,
+        metavar="S",
+        help="seconds a ready new generation is watched before the old one drains; "
+        "0 turns it off (default: %(default)g)",
     )
     parser.add_argument(
         "--log-level",
@@ -89,7 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    keeper = Keeper(command, ready_timeout=options.ready_timeout, pid_file=options.pid_file)
+    keeper = Keeper(
+        command,
+        ready_timeout=options.ready_timeout,
+        probation=options.probation,
+        pid_file=options.pid_file,
+    )
     try:
         return trio.run(keeper.run)
     except GracefulRestartError as error:

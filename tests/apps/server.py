@@ -62,6 +62,7 @@ async def main(args: argparse.Namespace, behaviour: str) -> None:
         "pid_file": args.pid_file,
         "drain_timeout": args.drain_timeout,
         "ready_timeout": args.ready_timeout,
+        "probation": args.probation,
     }
     async with graceful_restart.open(**options) as gr:
         if args.unix:
@@ -91,6 +92,7 @@ if __name__ == "__main__":
     parser.add_argument("--deploy-file")
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--ready-timeout", type=float, default=60.0)
+    parser.add_argument("--probation", type=float, default=0.2)
     arguments = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,

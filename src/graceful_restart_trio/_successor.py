@@ -1,0 +1,321 @@
+"""A successor: a new copy of this program, started through the launcher, followed until
+it is on its own.
+
+Nothing here knows about restarts: it starts a command with exactly the file descriptors
+it is given (see ``_launcher`` for why a launcher stands between us), and tells what
+became of it: ready, exited (with its status), released, or killed with everything it
+started.
+
+Why ``os.posix_spawn`` and not :mod:`subprocess` (in the launcher too): a successor must
+start with every signal at its default action and an empty signal mask (``SIG_IGN`` and
+the mask survive ``exec``, and a copy that ignores ``SIGTERM`` cannot be stopped), which
+only ``posix_spawn`` can ask for; and ``os.fork`` is unsafe in a process with threads.
+The one exception is ``SIGHUP``: the successor starts with it *ignored*, so that a
+``SIGHUP`` arriving before its handler is installed cannot kill it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import final
+
+import attrs
+import trio
+
+from ._exceptions import SuccessorExitedError, SuccessorStartError
+from ._handover import LineReader
+
+__all__ = ["Successor", "default_command", "describe_status", "startup_directory"]
+
+FIRST_FD = 3
+"""Where the passed file descriptors land in the child, in order, as systemd does it."""
+
+LAUNCHER_SOURCE = Path(__file__).with_name("_launcher.py").read_text(encoding="utf-8")
+"""Read now: a deploy may replace or remove this file before the next restart."""
+
+LAUNCHER_GRACE = 10.0
+"""Seconds the launcher gets to kill and reap what a successor left, or to exit."""
+
+_KEEP_IGNORED = frozenset({signal.SIGHUP})
+_RESET_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
+
+def _logical_cwd() -> str:
+    """The working directory as the user named it, through symlinks if they did.
+
+    A deploy that swaps a ``current -> releases/N`` symlink must start the successor in
+    the new release: ``$PWD`` keeps the path through the link, ``getcwd()`` does not.
+    """
+    physical = os.getcwd()
+    logical = os.environ.get("PWD", "")
+    try:
+        if logical and os.path.isabs(logical) and os.path.samefile(logical, physical):
+            return logical
+    except OSError:
+        pass
+    return physical
+
+
+_STARTUP_DIRECTORY = _logical_cwd()
+
+
+def startup_directory() -> str:
+    """The working directory this program was started in (read when it was imported)."""
+    return _STARTUP_DIRECTORY
+
+
+def default_command() -> list[str]:
+    """This program's own command line, to start a new copy of it.
+
+    ``sys.orig_argv`` keeps what ``sys.argv`` loses (``-m pkg``, ``-X`` options, ``-c``);
+    the interpreter is ``sys.executable``, the path it was started by, so a deploy that
+    replaced the interpreter or the virtualenv at that path is picked up.
+    """
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def describe_status(status: int) -> str:
+    """An exit status as people say it: ``status 3``, or ``signal SIGKILL``."""
+    if status >= 0:
+        return f"status {status}"
+    try:
+        return f"signal {signal.Signals(-status).name}"
+    except ValueError:
+        return f"signal {-status}"
+
+
+@final
+@attrs.define(eq=False)
+class Successor:
+    """A successor process and the launcher above it, until it is released or killed.
+
+    Its pid is also its process group and session id (it was started with ``setsid``).
+    It is named by a pidfd, so a signal sent through :meth:`send_signal` can never reach
+    another process that got the same pid later.
+    """
+
+    pid: int
+    channel: trio.socket.SocketType
+    """Our end of the handover channel (see ``_handover``)."""
+    reader: LineReader
+    """Reads that channel, with the file descriptors that come along."""
+    _pidfd: int
+    _launcher_pid: int
+    _launcher_pidfd: int
+    _control: LineReader
+    returncode: int | None = None
+    """Its exit status once known (negative: the signal that killed it)."""
+
+    @classmethod
+    async def start(
+        cls, command: Sequence[str], *, env: Mapping[str, str], cwd: str, fds: Sequence[int]
+    ) -> Successor:
+        """Start ``command`` with a channel at fd 3 and ``fds`` at 4, 5, ...
+
+        Raises:
+            SuccessorStartError: the launcher or the command could not be started.
+        """
+        arguments = json.dumps([cwd, 1 + len(fds), *command])
+        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER_SOURCE, arguments]
+        opened: list[socket.socket] = []
+        try:
+            control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            opened += [control, control_theirs]
+            channel, channel_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            opened += [channel, channel_theirs]
+            pid = _spawn(launcher, env, [control_theirs.fileno(), channel_theirs.fileno(), *fds])
+            launcher_pidfd = os.pidfd_open(pid)  # our unreaped child: it cannot be another
+        except OSError as error:
+            for sock in opened:
+                sock.close()
+            raise SuccessorStartError(f"cannot start {sys.executable!r}: {error}") from error
+        control_theirs.close()
+        channel_theirs.close()
+        control_reader = LineReader(trio.socket.from_stdlib_socket(control))
+        line, pidfds = await control_reader.receive()
+        word, _, argument = line.decode(errors="replace").partition(" ")
+        if word != "started" or len(pidfds) != 1:
+            for fd in pidfds:
+                os.close(fd)
+            _reap(pid, launcher_pidfd)
+            control.close()
+            channel.close()
+            why = argument if word == "failed" else f"the launcher said {line[:200]!r}"
+            raise SuccessorStartError(f"cannot start {command[0]!r}: {why}")
+        reader = LineReader(trio.socket.from_stdlib_socket(channel))
+        return cls(
+            int(argument), reader.socket, reader, pidfds[0], pid, launcher_pidfd, control_reader
+        )
+
+    async def wait_exit(self) -> int | None:
+        """Wait until it exits; return its status (None if it was released before)."""
+        await trio.lowlevel.wait_readable(self._pidfd)
+        while self.returncode is None and self._control.socket.fileno() >= 0:
+            line, fds = await self._control.receive()
+            for fd in fds:
+                os.close(fd)
+            word, _, argument = line.decode(errors="replace").partition(" ")
+            if word == "exited":
+                self.returncode = int(argument)
+            elif not line:
+                break
+        return self.returncode
+
+    async def wait_ready(self) -> tuple[bytes, list[int]]:
+        """The first line it writes on the channel, with the fds that came with it.
+
+        Raises:
+            SuccessorExitedError: it exited, or closed the channel, first.
+        """
+        line, fds = b"", list[int]()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_readable, self._pidfd, nursery.cancel_scope)
+            line, fds = await self.reader.receive()
+            nursery.cancel_scope.cancel()
+        if line:
+            return line, fds
+        with trio.move_on_after(LAUNCHER_GRACE):  # it closed the channel: on its way out?
+            status = await self.wait_exit()
+            how = describe_status(status) if status is not None else "an unknown status"
+            raise SuccessorExitedError(
+                f"successor {self.pid} exited with {how} before it was ready", status or 0
+            )
+        raise SuccessorExitedError(
+            f"successor {self.pid} closed its channel before it was ready", 0
+        )
+
+    def has_exited(self) -> bool:
+        """Whether the successor has exited (it may not be reaped yet)."""
+        return _readable(self._pidfd)
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the successor itself, through its pidfd; nothing if it is gone."""
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def release(self) -> bool:
+        """Let the launcher go, so that the successor is re-parented above us.
+
+        Returns:
+            True once the launcher is gone and the successor lives on its own; False if it
+            exited first (then :attr:`returncode` says how, and everything it left is gone).
+        """
+        with contextlib.suppress(OSError):
+            await self._control.socket.send(b"release\n")
+        await self._wait_launcher()
+        if self.returncode is None:  # it may have said "exited" just before it left
+            while line := (await self._control.receive())[0]:
+                word, _, argument = line.decode(errors="replace").partition(" ")
+                if word == "exited":
+                    self.returncode = int(argument)
+        return self.returncode is None
+
+    async def kill(self) -> None:
+        """Kill the successor's session and everything it started, and reap it all."""
+        if self._launcher_pidfd < 0:  # released: the pidfd is all we have
+            self.send_signal(signal.SIGKILL)
+            return
+        with contextlib.suppress(OSError):
+            await self._control.socket.send(b"kill\n")
+        with trio.move_on_after(LAUNCHER_GRACE) as late:
+            await self._wait_launcher()
+        if late.cancelled_caught or not self.has_exited():  # the launcher failed us
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.send_signal(signal.SIGKILL)
+
+    async def _wait_launcher(self) -> None:
+        if self._launcher_pidfd >= 0:
+            await trio.lowlevel.wait_readable(self._launcher_pidfd)
+            _reap(self._launcher_pid, self._launcher_pidfd)
+            self._launcher_pidfd = -1
+
+    def close(self) -> None:
+        """Stop following it (it keeps running); the channel stays open. Idempotent."""
+        if self._launcher_pidfd >= 0:  # dropped mid-way: the launcher must not outlive us
+            with contextlib.suppress(OSError):
+                os.kill(self._launcher_pid, signal.SIGKILL)  # unreaped: still ours
+            _reap(self._launcher_pid, self._launcher_pidfd)
+            self._launcher_pidfd = -1
+        self._control.socket.close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+async def _cancel_when_readable(fd: int, scope: trio.CancelScope) -> None:
+    await trio.lowlevel.wait_readable(fd)
+    scope.cancel()
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _reap(pid: int, pidfd: int) -> None:
+    """Reap our child ``pid`` (blocking only if it has not exited) and close its pidfd."""
+    with contextlib.suppress(ChildProcessError):  # the keeper reaps every child it has
+        os.waitpid(pid, 0)
+    os.close(pidfd)
+
+
+def _inheritable_fds() -> list[int]:
+    """Every open fd from 3 up that an exec would pass on."""
+    fds = []
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd < FIRST_FD:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                fds.append(fd)
+        except OSError:  # the fd of the listdir itself, closed by now
+            continue
+    return fds
+
+
+def _spawn(command: Sequence[str], env: Mapping[str, str], fds: Sequence[int]) -> int:
+    """Start ``command`` in a new session with ``fds`` at 3, 4, ... and no other fd above 2.
+
+    Signals start at their default actions (``SIGHUP`` ignored, see the module docstring)
+    with an empty mask. Must be called from the main thread.
+
+    Raises:
+        OSError: the command could not be started.
+    """
+    # Temporary copies above the target range, so that no dup2 clobbers a source.
+    copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FIRST_FD + len(fds)) for fd in fds]
+    try:
+        targets = range(FIRST_FD, FIRST_FD + len(fds))
+        actions: list[tuple[int, ...]] = [
+            (os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in targets
+        ]
+        actions += [
+            (os.POSIX_SPAWN_DUP2, copy, target)
+            for copy, target in zip(copies, targets, strict=True)
+        ]
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            return os.posix_spawn(
+                command[0],
+                list(command),
+                env,
+                file_actions=actions,
+                setsid=True,
+                setsigmask=(),
+                setsigdef=_RESET_SIGNALS - _KEEP_IGNORED,
+            )
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+    finally:
+        for copy in copies:
+            os.close(copy)
