@@ -157,16 +157,23 @@ def test_successor_comes_up_when_the_old_is_killed_mid_restart(start_server: Sta
     assert server.wait_exit(successor) == 0
 
 
-def test_unclaimed_inherited_listener_is_closed_and_reported(start_server: StartServer) -> None:
-    """A listener the successor no longer asks for is closed once the predecessor is gone."""
-    server = start_server()
+def test_unclaimed_inherited_listener_is_kept_reported_and_closed_on_request(
+    start_server: StartServer,
+) -> None:
+    """A listener the successor does not open is kept and reported, closed when asked."""
+    server = start_server("--kind", "echo")
     old = server.wait_serving()
+    port = server.port
     server.deploy("listen-elsewhere")
     server.signal(signal.SIGHUP)
     new = server.wait_handover(old)
     assert server.wait_exit(old) == 0
-    closed = "inherited listener tcp:127.0.0.1:0 was not opened again: closed it"
-    wait_until(lambda: closed in server.log(), "the unclaimed listener to be closed")
+    kept = "inherited listener tcp:127.0.0.1:0 is not opened (yet): it is kept"
+    wait_until(lambda: kept in server.log(), "the report")
+    elsewhere = int(re.findall(r"listening on tcp 127\.0\.0\.1:(\d+)", server.log())[-1])
+    assert echo_line(elsewhere, b"close-unclaimed\n") == f"{new} closed ['tcp:127.0.0.1:0']\n"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=60).close()
     server.signal(signal.SIGTERM, new)
     assert server.wait_exit(new) == 0
 

@@ -256,7 +256,10 @@ def test_first_start_says_ready_once_and_only_when_serving(
         pass
     assert answering_pid(http_get(server.port)[1]) == pid
     assert ready == notify.datagrams[0]
-    assert (ready.pid, ready.fields) == (pid, {"READY": "1", "STATUS": f"serving: generation 1 (pid {pid})"})
+    assert (ready.pid, ready.fields) == (
+        pid,
+        {"READY": "1", "STATUS": f"serving: generation 1 (pid {pid})"},
+    )
     server.signal(signal.SIGTERM, pid)
     assert wait_gone(server, pid, notify) == 0
     assert len(notify.saying("READY")) == 1
@@ -269,7 +272,10 @@ def test_abstract_notify_socket_gets_ready(start_server: StartServer) -> None:
         server = start_server(env={"NOTIFY_SOCKET": recorder.address})
         pid = server.first.pid
         ready = recorder.wait_for_datagram("READY")
-        assert (ready.pid, ready.fields) == (pid, {"READY": "1", "STATUS": f"serving: generation 1 (pid {pid})"})
+        assert (ready.pid, ready.fields) == (
+            pid,
+            {"READY": "1", "STATUS": f"serving: generation 1 (pid {pid})"},
+        )
         server.signal(signal.SIGTERM, pid)
         assert wait_gone(server, pid, recorder) == 0
         assert [d.pid for d in recorder.saying("STOPPING")] == [pid]

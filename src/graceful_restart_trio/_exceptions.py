@@ -7,7 +7,7 @@ GracefulRestartError`` catches anything the library reports::
     ├── RestartError                 a restart did not happen; this process keeps serving
     │   ├── RestartUnavailableError  not now: another restart is under way, or we are draining
     │   ├── SuccessorStartError      the successor could not be started at all (exec failed)
-    │   ├── SuccessorExitedError     the successor exited before it said it was ready
+    │   ├── SuccessorExitedError     the successor exited (or stopped) before the handover
     │   └── SuccessorTimeoutError    the successor was not ready within ``ready_timeout``
     ├── InheritanceError             what the environment hands us is malformed
     │   └── SocketActivationError    ``LISTEN_FDS`` / ``LISTEN_FDNAMES`` / ``LISTEN_PID``
@@ -53,14 +53,15 @@ class SuccessorStartError(RestartError):
 
 
 class SuccessorExitedError(RestartError):
-    """The successor exited before it said it was ready.
+    """The successor exited before it said it was ready, or during its probation.
 
     Attributes:
         returncode: its exit status, negative for the signal that killed it
-            (as in :mod:`subprocess`).
+            (as in :mod:`subprocess`); None if it stopped serving during its probation
+            and is still finishing its work.
     """
 
-    def __init__(self, message: str, returncode: int) -> None:
+    def __init__(self, message: str, returncode: int | None) -> None:
         super().__init__(message)
         self.returncode = returncode
 

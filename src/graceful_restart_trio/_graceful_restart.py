@@ -52,6 +52,7 @@ import trio
 
 from ._accepting import accept_forever
 from ._exceptions import (
+    InheritanceError,
     RestartError,
     RestartUnavailableError,
     SocketActivationError,
@@ -61,6 +62,7 @@ from ._exceptions import (
 from ._handover import (
     ENV_VAR,
     MAIN,
+    READY,
     Inheritance,
     LineReader,
     encode,
@@ -297,6 +299,19 @@ class GracefulRestart:
         self._log.info("listening on unix %s", sock.getsockname())
         return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
+    def close_unclaimed(self) -> list[str]:
+        """Close the inherited listeners this process has not opened again; their names.
+
+        A listener the predecessor had and this program no longer opens is kept (and
+        handed on to the next successor), because the application may open it late:
+        closing it would refuse, or lose, the connections queued on it. Call this once
+        every listener is open, to drop the ones a new configuration no longer has.
+        """
+        names = self._listeners.close_unclaimed()
+        for name in names:
+            self._log.info("closed inherited listener %s, which nobody opened", name)
+        return names
+
     def open_socket(self, name: str, create: Callable[[], socket.socket]) -> socket.socket:
         """A socket the application makes itself, handed over under ``name``.
 
@@ -452,7 +467,7 @@ class GracefulRestart:
         self._restart_scope = trio.CancelScope()
         try:
             with self._restart_scope:  # shutdown() cancels it
-                successor, _, fds = await hand_over(
+                successor, _ = await hand_over(
                     Serving(self._pause, self._resume, self._commit, self._retire),
                     command,
                     env=env,
@@ -461,9 +476,8 @@ class GracefulRestart:
                     ready_timeout=self._options.ready_timeout,
                     probation=self._options.probation,
                     log=self._log,
+                    accept_ready=_plain_ready,
                 )
-                for fd in fds:  # a successor says a plain "ready": nothing to keep
-                    os.close(fd)
                 return successor
         finally:
             os.close(me)
@@ -513,8 +527,9 @@ class GracefulRestart:
 
     async def _stop_successor(self, successor: Successor) -> None:
         with self._leases.taken():
-            self._log.info("asking successor %d on probation to stop", successor.pid)
-            successor.send_signal(signal.SIGTERM)
+            if self.state is State.DRAINING:  # a shutdown abandoned the restart
+                self._log.info("asking successor %d on probation to stop", successor.pid)
+                successor.send_signal(signal.SIGTERM)
             try:
                 await successor.wait_exit()
             finally:
@@ -540,6 +555,11 @@ class GracefulRestart:
             self._machine.advance(State.DRAINING)
             if self._in_charge.is_set():
                 self._say_goodbye()
+            elif self._inheritance is not None:
+                # Not handed the service yet: tell the predecessor (or keeper), which
+                # takes it back.
+                with contextlib.suppress(OSError):
+                    self._inheritance.channel.shutdown(socket.SHUT_WR)
             self._stop_accepting()
         if immediate:
             self._log.warning("cutting the drain short: cancelling %d lease(s)", self._leases.count)
@@ -599,7 +619,7 @@ class GracefulRestart:
         )
         with trio.move_on_after(self._options.drain_timeout) as deadline:
             await self._leases.wait_idle()
-            if self._served and self._inheritance is not None and self.keeper_pid is None:
+            if self._in_charge.is_set() and self.predecessor_pid and self.keeper_pid is None:
                 # Exit after it, so that a service manager that kills whatever is left
                 # when the main process exits does not cut its drain short.
                 self._log.info("waiting for predecessor %s to finish", self.predecessor_pid)
@@ -631,8 +651,12 @@ class GracefulRestart:
                 self._take_charge()
         if self.keeper_pid is None:
             await self._predecessor_exited.wait()
-            for name in self._listeners.close_unclaimed():
-                self._log.warning("inherited listener %s was not opened again: closed it", name)
+            for name in self._listeners.unclaimed():
+                self._log.warning(
+                    "inherited listener %s is not opened (yet): it is kept for a late open, "
+                    "and handed on; gr.close_unclaimed() drops it",
+                    name,
+                )
 
     def _on_word(self, line: str) -> None:
         command, _, argument = line.partition(" ")
@@ -712,7 +736,6 @@ class GracefulRestart:
         if self._in_charge.is_set() and self._options.pid_file is not None:
             remove_pid_file(self._options.pid_file, self._pid)  # only if it still names us
         if self._successor is not None:
-            self._successor.channel.close()
             self._successor.close()
         if self._inheritance is not None:
             self._inheritance.channel.close()
@@ -720,6 +743,14 @@ class GracefulRestart:
         if self._notifier is not None:
             self._notifier.close()
         self._log.info("exiting (%d lease(s) left)", self._leases.count)
+
+
+def _plain_ready(line: bytes, fds: list[int]) -> None:
+    """A successor says a plain ``ready``, with nothing attached."""
+    for fd in fds:
+        os.close(fd)
+    if line != READY.strip() or fds:
+        raise InheritanceError(f"said {line[:200]!r} with {len(fds)} fd(s)")
 
 
 def _address(sock: socket.socket) -> str:

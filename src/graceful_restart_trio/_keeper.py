@@ -48,7 +48,6 @@ inherits, says ready with its sockets, follows ``pause``/``resume``/``drain``, a
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -156,7 +155,6 @@ class Generation:
     def reaped(self, status: int) -> None:
         """Record its exit status and wake whoever waits for it."""
         self.status = status
-        self.successor.channel.close()
         self.successor.close()
         self.exited.set()
 
@@ -324,7 +322,13 @@ class Keeper:
             self._log.info("%s ignored: %s", sig.name, self._machine.state.value)
         else:
             self._machine.advance(State.RESTARTING)  # now: a burst of signals restarts once
-            self._tasks().start_soon(self._restart)
+            self._tasks().start_soon(self._restart_surviving)
+
+    async def _restart_surviving(self) -> None:
+        try:
+            await self._restart()
+        except Exception:  # a bug must not take the keeper, and the application, down
+            self._log.exception("the restart failed unexpectedly; the keeper goes on")
 
     async def _restart(self) -> None:
         old = self._serving
@@ -332,17 +336,17 @@ class Keeper:
         self._log.info("restart requested: %s serves, starting its successor", old)
         self._notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="restarting")
         new = await self._hand_over(old)
-        if self._machine.state not in (State.RESTARTING, State.PROBATION):
+        if self.state in (State.DRAINING, State.STOPPED):
             return  # stopping: every generation was told
         if new is None:
             if old.status is not None:
                 self._stop_by_itself(old)
                 return
-            self._machine.advance(State.SERVING)
+            if self.state is State.RESTARTING:  # not ready: the old one never paused
+                self._machine.advance(State.SERVING)
             self._notify(READY=1, STATUS=f"serving: {old}; restart failed")
             self._log.error("restart failed: %s serves on", old)
         else:
-            self._machine.advance(State.SERVING)
             self._notify(READY=1, STATUS=f"serving: {new}")
         if self._restart_pending:
             self._restart_pending = False
@@ -366,7 +370,7 @@ class Keeper:
         self._handover_scope = trio.CancelScope()
         try:
             with self._handover_scope:
-                _, line, fds = await hand_over(
+                _, listeners = await hand_over(
                     serving,
                     self.command,
                     env=env,
@@ -375,9 +379,10 @@ class Keeper:
                     ready_timeout=self.ready_timeout,
                     probation=self.probation if old else 0.0,
                     log=self._log,
+                    accept_ready=_ready_listeners,
                     label=f"generation {number} pid {{}}",
                 )
-                return self._took_over(line, fds)
+                return self._took_over(listeners)
         except SuccessorStartError as error:
             self._log.error("generation %d: %s", number, error)
             if old is None:
@@ -385,28 +390,18 @@ class Keeper:
         except RestartError as error:
             self._log.warning("generation %d: %s", number, error)
             if old is None and isinstance(error, SuccessorExitedError):
-                self._start_failure = _exit_code(error.returncode)
+                self._start_failure = _exit_code(error.returncode or 0)
         finally:
             self._handover_scope = None
             os.close(me)
         return None  # failed, or abandoned: a stop came
 
-    def _took_over(self, line: bytes, fds: list[int]) -> Generation:
+    def _took_over(self, listeners: Listeners) -> Generation:
         generation = self._new
         assert generation is not None
         _close_listeners(self._listeners)
-        self._listeners = []
-        try:
-            names = parse_ready(line, len(fds))
-            socks = [_listening_socket(fd) for fd in fds]
-        except (InheritanceError, OSError) as error:  # it passed something odd: keep nothing
-            self._log.error("%s said ready with %s: holding no listeners", generation, error)
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        else:
-            self._listeners = list(zip(names, socks, strict=True))
-        self._log.info("%s serving with %d listener(s)", generation, len(self._listeners))
+        self._listeners = listeners
+        self._log.info("%s serving with %d listener(s)", generation, len(listeners))
         return generation
 
     # The serving side of the predecessor's story (see _predecessor.Serving): the serving
@@ -427,11 +422,11 @@ class Keeper:
             self._old.tell(f"pause {successor.pid}")
 
     def _resume(self, _error: Exception) -> None:
-        if self._new is not None:
+        if self._new is not None and self._new.successor.has_exited():
             self._live.pop(self._new.pid, None)  # the launcher reaped it
             self._new = None
         if self._old is not None and self.state is State.PROBATION:
-            self._machine.advance(State.RESTARTING)
+            self._machine.advance(State.SERVING)
             self._old.tell("resume")
 
     def _commit(self, successor: Successor) -> None:
@@ -439,17 +434,30 @@ class Keeper:
             raise RestartError(f"abandoned: the keeper is {self.state.value}")
         assert self._new is not None  # adopted when it paused the old one
         self._serving = self._new
-        if self.state is State.STARTING:
-            self._machine.advance(State.SERVING)
+        self._machine.advance(State.SERVING)
         self._new.tell("main")
         if self._old is not None:
             self._old.tell(f"drain {successor.pid}")
             self._log.info("handed over from %s to %s", self._old, self._new)
 
     def _retire(self, successor: Successor) -> None:
-        # Only a stop abandons a restart here, and a stop tells every live generation.
+        # A stop abandoned the restart (and tells every live generation), or the new one
+        # stopped by itself: either way it finishes its work, then the launcher reaps it.
         generation = self._new or self._adopt(successor)
-        self._log.info("%s on probation stops with the others", generation)
+        self._new = None
+        self._log.info("%s on probation is stopping", generation)
+        self._tasks().start_soon(self._wait_retired, generation)
+
+    async def _wait_retired(self, generation: Generation) -> None:
+        try:
+            status = await generation.successor.wait_exit()
+        finally:
+            with trio.CancelScope(shield=True):
+                await generation.successor.kill()  # whatever it left
+        if self._live.pop(generation.pid, None) is not None:
+            generation.reaped(status if status is not None else 0)
+            self._log.info("%s exited with status %s", generation, status)
+            self._check_stopped()
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._stop_requests += 1
@@ -543,7 +551,6 @@ class Keeper:
         """The keeper's last word: nothing of it may outlive it unsupervised."""
         for generation in self._live.values():  # only after a bug: ask them to stop
             generation.send_signal(signal.SIGTERM)
-            generation.successor.channel.close()
             generation.successor.close()
         _close_listeners(self._listeners)
         self._listeners = []
@@ -553,15 +560,37 @@ class Keeper:
             remove_pid_file(self.pid_file, self._pid)
 
 
+def _ready_listeners(line: bytes, fds: list[int]) -> Listeners:
+    """The listening sockets a generation sent with ``ready [names]``, every one checked.
+
+    Raises:
+        InheritanceError: the line is not that, or an fd is not a socket (all are closed).
+    """
+    try:
+        names = parse_ready(line, len(fds))
+        _check_sockets(names, fds)
+    except InheritanceError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    # socket(fileno=) leaves O_NONBLOCK alone: the application shares that flag.
+    return [(name, socket.socket(fileno=fd)) for name, fd in zip(names, fds, strict=True)]
+
+
+def _check_sockets(names: list[str], fds: list[int]) -> None:
+    for name, fd in zip(names, fds, strict=True):
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise InheritanceError(f"{name!r} (fd {fd}) is not a socket")
+
+
 def _listening_socket(fd: int) -> socket.socket:
-    """A socket from an fd a generation sent, once checked.
+    """A socket systemd passed, once checked.
 
     Raises:
         OSError: it is not a socket.
     """
     if not stat.S_ISSOCK(os.fstat(fd).st_mode):
         raise OSError(f"fd {fd} is not a socket")
-    # socket(fileno=) leaves O_NONBLOCK alone: the application shares that flag.
     return socket.socket(fileno=fd)
 
 

@@ -217,6 +217,10 @@ class ListenerRegistry:
         """Names of the unix listeners whose socket file is ours to remove in the end."""
         return sorted(self._unix_paths)
 
+    def unclaimed(self) -> list[str]:
+        """The names of inherited listeners nobody asked for (yet)."""
+        return [name for name, _ in self._inherited]
+
     def close_unclaimed(self) -> list[str]:
         """Close inherited listeners nobody asked for; return their names."""
         names = [name for name, _ in self._inherited]

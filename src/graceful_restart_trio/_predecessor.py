@@ -14,8 +14,10 @@ Theory of operation
    successor alone accepts, from the same queues;
 4. **probation**: watch the successor for ``probation`` seconds. "Ready" is not the point
    of no return: if it dies now (a lazy import failing on the first request, an OOM
-   kill), the serving copy **resumes** accepting on the same sockets, and the restart is
-   reported failed with the reason. Nothing was refused: the queues were never closed;
+   kill) or stops serving (it closes its channel), the serving copy **resumes** accepting
+   on the same sockets, and the restart is reported failed with the reason. Nothing was
+   refused: the queues were never closed. A successor that stopped is left to finish
+   its own work (*retired*);
 5. **commit**: release the launcher, so that the successor is re-parented to the service
    manager (systemd, the keeper, a container's init) before anyone names it the main
    process; then the serving copy hands the service over and drains.
@@ -33,16 +35,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import final
+from typing import TypeVar, final
 
 import attrs
 import trio
 
-from ._exceptions import SuccessorExitedError, SuccessorTimeoutError
+from ._exceptions import (
+    InheritanceError,
+    SuccessorExitedError,
+    SuccessorStartError,
+    SuccessorTimeoutError,
+)
 from ._logging import PrefixLog
 from ._successor import Successor, describe_status
 
 __all__ = ["Serving", "hand_over"]
+
+T = TypeVar("T")
 
 
 @final
@@ -75,15 +84,18 @@ async def hand_over(
     ready_timeout: float,
     probation: float,
     log: PrefixLog,
+    accept_ready: Callable[[bytes, list[int]], T],
     label: str = "successor {}",
-) -> tuple[Successor, bytes, list[int]]:
+) -> tuple[Successor, T]:
     """Start a successor and hand the service over to it; the story in the module docstring.
 
-    ``label`` names the successor in the log, given its pid.
+    ``accept_ready`` reads the ready line and the fds that came with it (they are its to
+    close); what it returns is returned. If it raises :class:`InheritanceError`, the
+    successor is not ready: it is killed, and the restart fails. ``label`` names the
+    successor in the log, given its pid.
 
     Returns:
-        The successor, committed, with the ready line it said and the fds that came with
-        it (the caller's to close).
+        The successor, committed, and what ``accept_ready`` made of its ready message.
 
     Raises:
         SuccessorStartError: it could not be started.
@@ -95,7 +107,13 @@ async def hand_over(
     log.info("%s started: %s", label.format(successor.pid), " ".join(command))
     paused = False
     try:
-        line, ready_fds = await _ready(successor, ready_timeout)
+        line, fds = await _ready(successor, ready_timeout)
+        try:
+            ready = accept_ready(line, fds)
+        except InheritanceError as error:
+            raise SuccessorStartError(
+                f"successor {successor.pid} said ready wrongly: {error}"
+            ) from None
         log.info(
             "%s is ready after %.0f ms: probation for %gs",
             label.format(successor.pid),
@@ -107,19 +125,18 @@ async def hand_over(
         try:
             await _probation(successor, probation)
         except SuccessorExitedError as error:
-            paused = False
             serving.resume(error)
             raise
         serving.commit(successor)
     except BaseException:
-        if paused:  # abandoned during the probation: it may hold connections
+        if paused and not successor.has_exited():  # it may hold connections: let it finish
             serving.retire(successor)
         else:
             with trio.CancelScope(shield=True):
                 await successor.kill()
             successor.close()
         raise
-    return successor, line, ready_fds
+    return successor, ready
 
 
 async def _ready(successor: Successor, timeout: float) -> tuple[bytes, list[int]]:
@@ -131,14 +148,11 @@ async def _ready(successor: Successor, timeout: float) -> tuple[bytes, list[int]
 
 
 async def _probation(successor: Successor, seconds: float) -> None:
-    """Watch it for ``seconds``, then let it go on its own; raise if it dies first."""
+    """Watch it for ``seconds``, then let it go on its own; raise if it stops first."""
     with trio.move_on_after(seconds):
-        status = await successor.wait_exit()
-        raise SuccessorExitedError(
-            f"successor {successor.pid} exited with {describe_status(status or 0)} "
-            "during its probation",
-            status or 0,
-        )
+        status = await successor.wait_stopped()
+        how = "stopped serving" if status is None else f"exited with {describe_status(status)}"
+        raise SuccessorExitedError(f"successor {successor.pid} {how} during its probation", status)
     if not await successor.release():
         status = successor.returncode or 0
         raise SuccessorExitedError(

@@ -59,7 +59,7 @@ class State(enum.Enum):
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STARTING: frozenset({State.SERVING, State.DRAINING}),
+    State.STARTING: frozenset({State.SERVING, State.DRAINING}),  # (the keeper, too)
     State.SERVING: frozenset({State.RESTARTING, State.PROBATION, State.DRAINING}),
     State.RESTARTING: frozenset({State.SERVING, State.PROBATION, State.DRAINING}),
     State.PROBATION: frozenset({State.SERVING, State.DRAINING}),

@@ -30,6 +30,7 @@ from typing import final
 
 import attrs
 import trio
+import trio.lowlevel
 
 from ._exceptions import SuccessorExitedError, SuccessorStartError
 from ._handover import LineReader
@@ -193,6 +194,24 @@ class Successor:
             f"successor {self.pid} closed its channel before it was ready", 0
         )
 
+    async def wait_stopped(self) -> int | None:
+        """After ready: wait until it exits (return its status) or closes its channel
+        because it stopped serving (return None: it is finishing its work)."""
+        stopped: list[int | None] = []
+        async with trio.open_nursery() as nursery:
+
+            async def exited() -> None:
+                stopped.append(await self.wait_exit())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(exited)
+            while (await self.reader.receive())[0]:  # nothing more is said after "ready"
+                pass
+            await trio.lowlevel.checkpoint()  # let an exit that closed the channel be seen first
+            if not self.has_exited():
+                nursery.cancel_scope.cancel()
+        return stopped[0] if stopped else None
+
     def has_exited(self) -> bool:
         """Whether the successor has exited (it may not be reaped yet)."""
         return _readable(self._pidfd)
@@ -240,13 +259,14 @@ class Successor:
             self._launcher_pidfd = -1
 
     def close(self) -> None:
-        """Stop following it (it keeps running); the channel stays open. Idempotent."""
+        """Stop following it (it keeps running), and close the channel. Idempotent."""
         if self._launcher_pidfd >= 0:  # dropped mid-way: the launcher must not outlive us
             with contextlib.suppress(OSError):
                 os.kill(self._launcher_pid, signal.SIGKILL)  # unreaped: still ours
             _reap(self._launcher_pid, self._launcher_pidfd)
             self._launcher_pidfd = -1
         self._control.socket.close()
+        self.channel.close()
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1

@@ -3,18 +3,33 @@
 Like a real deployment, what a new copy does is read at start-up from a *deploy file*
 (``--deploy-file``), so a test can "deploy" a bad version and then send SIGHUP:
 
-``ok``                 serve normally
-``crash-at-import``    exit with status 3 before opening anything
-``hang-before-ready``  open the listeners, never say ready
-``exit-after-ready``   say ready, then exit 4 at once
-``listen-elsewhere``   listen on a listener named ``elsewhere`` instead of the usual one
+``ok``                   serve normally
+``crash-at-import``      exit with status 3 before opening anything
+``hang-before-ready``    open the listeners, never say ready
+``exit-after-ready``     say ready, then exit 4 at once
+``quit-after-ready``     serve, shut down 0.2 s later (its in-flight work drained) and
+                         exit with status 5: a successor that decides to stop
+``die-after-ready``      serve, and be SIGKILLed 0.2 s later (an OOM kill, say)
+``return-before-ready``  open the listeners, then leave the ``open()`` body without serving
+``helper-then-crash``    start a helper in a session of its own (its pid goes to the file
+                         ``<deploy file>.helper``), then exit with status 3 before ready
+``ready-with-a-pipe``    say ready to a keeper with a pipe among the listening sockets
+``listen-elsewhere``     listen on a listener named ``elsewhere`` instead of the usual one
+
+The echo server also answers ``fill-fds`` (open fds until there are none left),
+``free-fds`` and ``close-unclaimed`` (``gr.close_unclaimed()``); every copy writes
+``SIGUSR1 received`` to stderr when it gets one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -34,6 +49,10 @@ def deployed(path: str | None) -> str:
     return Path(path).read_text(encoding="utf-8").strip() or "ok"
 
 
+FILLER: list[int] = []
+"""Fds opened by ``fill-fds``."""
+
+
 async def echo(gr: graceful_restart.GracefulRestart, stream: trio.SocketStream) -> None:
     """Answer each chunk with ``<pid> <chunk>`` until the client closes.
 
@@ -47,6 +66,17 @@ async def echo(gr: graceful_restart.GracefulRestart, stream: trio.SocketStream) 
             except graceful_restart.RestartError as error:
                 answer = f"failed {type(error).__name__}: {error}"
             reply = answer.encode() + b"\n"
+        elif chunk.strip() == b"fill-fds":
+            with contextlib.suppress(OSError):
+                while True:
+                    FILLER.append(os.open("/dev/null", os.O_RDONLY))
+            reply = f"filled {len(FILLER)}\n".encode()
+        elif chunk.strip() == b"close-unclaimed":
+            reply = f"closed {gr.close_unclaimed()}\n".encode()
+        elif chunk.strip() == b"free-fds":
+            while FILLER:
+                os.close(FILLER.pop())
+            reply = b"freed\n"
         await stream.send_all(f"{os.getpid()} ".encode() + reply)
 
 
@@ -66,33 +96,90 @@ async def main(args: argparse.Namespace, behaviour: str) -> None:
     }
     async with graceful_restart.open(**options) as gr:
         if args.unix:
-            listeners = [await gr.open_unix_listener(args.unix)]
+            path = "\0" + args.unix[1:] if args.unix.startswith("@") else args.unix
+            listeners = [await gr.open_unix_listener(path)]
         else:
             name = "elsewhere" if behaviour == "listen-elsewhere" else None
             listeners = await gr.open_tcp_listeners(args.port, host="127.0.0.1", name=name)
         if behaviour == "hang-before-ready":
             await trio.sleep_forever()
+        if behaviour == "return-before-ready":
+            return
         if behaviour == "exit-after-ready":
             gr.ready()
             sys.exit(4)
-        if args.kind == "echo":
-            await gr.serve_listeners(partial(echo, gr), listeners)
-        else:
-            config = Config()
-            config.errorlog = logging.getLogger("hypercorn.error")
-            await serve(gr, logged_app, listeners, config)
+        async with trio.open_nursery() as nursery:
+            if behaviour == "die-after-ready":
+                nursery.start_soon(die_soon)
+            if behaviour == "quit-after-ready":
+                nursery.start_soon(quit_soon, gr)
+            if args.late_port is not None:
+                nursery.start_soon(serve_late, gr, args.late_port)
+            if args.kind == "echo":
+                await gr.serve_listeners(partial(echo, gr), listeners)
+            else:
+                config = Config()
+                config.errorlog = logging.getLogger("hypercorn.error")
+                await serve(gr, logged_app, listeners, config)
+
+
+async def die_soon() -> None:
+    """Die by SIGKILL 0.2 s after starting to serve: no cleanup, as after an OOM kill."""
+    await trio.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def quit_soon(gr: graceful_restart.GracefulRestart) -> None:
+    """Shut down 0.2 s after starting to serve; the process then exits with status 5."""
+    await trio.sleep(0.2)
+    QUIT.append(5)
+    gr.shutdown()
+
+
+QUIT: list[int] = []
+
+
+async def serve_late(gr: graceful_restart.GracefulRestart, port: int) -> None:
+    """Open the listener ``late`` only once the first one serves, and echo on it."""
+    await trio.sleep(0.3)
+    listeners = await gr.open_tcp_listeners(port, host="127.0.0.1", name="late")
+    await gr.serve_listeners(partial(echo, gr), listeners)
+
+
+def ready_with_a_pipe() -> None:
+    """Make the library attach a pipe to its ready message, as a broken app might."""
+    import graceful_restart_trio._graceful_restart as story  # noqa: PLC0415 - a test's hack
+
+    original = vars(story)["send_ready"]
+
+    def send_ready(channel: socket.socket, listeners: list[tuple[str, int]] | None) -> None:
+        read, _ = os.pipe()
+        original(channel, [*(listeners or []), ("pipe", read)])
+
+    vars(story)["send_ready"] = send_ready
+
+
+def start_helper(deploy_file: str) -> None:
+    """A helper in a session of its own, as ``start_new_session=True`` makes one."""
+    helper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    Path(f"{deploy_file}.helper").write_text(str(helper.pid))
+
+
+def note_sigusr1(_signum: int, _frame: object) -> None:
+    os.write(2, f"[pid {os.getpid()}] SIGUSR1 received\n".encode())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--kind", choices=["http", "echo"], default="http")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--unix")
+    parser.add_argument("--unix", help="a unix socket path; @name: the abstract namespace")
     parser.add_argument("--pid-file", required=True)
     parser.add_argument("--deploy-file")
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     parser.add_argument("--probation", type=float, default=0.2)
+    parser.add_argument("--late-port", type=int)
     arguments = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -100,6 +187,13 @@ if __name__ == "__main__":
         stream=sys.stderr,
     )
     behaviour = deployed(arguments.deploy_file)
+    signal.signal(signal.SIGUSR1, note_sigusr1)
     if behaviour == "crash-at-import":
         sys.exit(3)
+    if behaviour == "helper-then-crash":
+        start_helper(arguments.deploy_file)
+        sys.exit(3)
+    if behaviour == "ready-with-a-pipe":
+        ready_with_a_pipe()
     trio.run(main, arguments, behaviour)
+    sys.exit(QUIT[0] if QUIT else 0)
