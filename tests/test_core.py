@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +15,13 @@ import trio.testing
 
 import graceful_restart_trio as graceful_restart
 from graceful_restart_trio import Options, State, UsageError
+from graceful_restart_trio._pidfile import write_pid_file
 from graceful_restart_trio._state import TRANSITIONS, StateMachine
+
+from .conftest import SERVER, children
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 # -- options -------------------------------------------------------------------------------
 
@@ -355,3 +362,109 @@ async def test_open_socket_makes_and_registers_a_custom_socket() -> None:
         assert sock.getsockname() == made[0].getsockname()
         sock.close()
         gr.shutdown()
+
+
+# -- what the review found, in-process ------------------------------------------------------
+
+
+async def test_any_number_of_tasks_may_wait_for_idle_leases() -> None:
+    """wait_idle() has no single-waiter limit: a user's waiter never stalls the drain."""
+    leases = graceful_restart.LeaseCounter()
+    woken: list[int] = []
+
+    async def waiter(number: int) -> None:
+        await leases.wait_idle()
+        woken.append(number)
+
+    async with trio.open_nursery() as nursery:
+        leases.__enter__()
+        for number in range(3):
+            nursery.start_soon(waiter, number)
+        await trio.testing.wait_all_tasks_blocked()
+        leases.__exit__(None, None, None)
+    assert sorted(woken) == [0, 1, 2]
+
+
+def test_the_pid_file_never_follows_a_planted_link(tmp_path: Path) -> None:
+    """Whoever can write the directory cannot make the pid file truncate another file."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pid_file = tmp_path / "app.pid"
+    for name in (f".{pid_file.name}.{4242}.tmp", f".{pid_file.name}.tmp"):
+        (tmp_path / name).symlink_to(victim)
+    write_pid_file(pid_file, 4242)
+    assert pid_file.read_text() == "4242\n"
+    assert victim.read_text() == "precious\n"
+    assert not pid_file.is_symlink()
+    assert oct(pid_file.stat().st_mode & 0o777) == oct(0o644)
+
+
+async def test_an_error_leaves_open_with_its_own_cause_and_context() -> None:
+    """open() re-raises the body's exception as it was: its __cause__, no group as context."""
+    cause = KeyError("cause")
+    with pytest.raises(ValueError, match="boom") as caught:
+        async with graceful_restart.open():
+            raise ValueError("boom") from cause
+    assert caught.value.__cause__ is cause
+    assert not isinstance(caught.value.__context__, BaseExceptionGroup)
+
+
+async def test_an_outer_cancellation_is_a_plain_cancelled() -> None:
+    """Cancelled from outside, open() lets a trio.Cancelled out, not a group of them."""
+    escaped: list[BaseException] = []
+    with trio.CancelScope() as scope:
+        try:
+            async with graceful_restart.open():
+                scope.cancel()
+                await trio.sleep_forever()
+        except BaseException as error:
+            escaped.append(error)
+            raise
+    assert len(escaped) == 1
+    assert isinstance(escaped[0], trio.Cancelled)
+
+
+async def test_a_second_open_at_once_is_a_usage_error() -> None:
+    """One open() per process at a time: a nested one raises UsageError."""
+    async with graceful_restart.open():
+        with pytest.raises(UsageError, match="already running"):
+            async with graceful_restart.open():
+                pass  # pragma: no cover
+    async with graceful_restart.open():  # once the first is over, another may run
+        pass
+
+
+async def test_shutdown_at_every_step_of_a_restart_leaves_one_story() -> None:
+    """gr.shutdown() at each state of a restart: no illegal transition, no successor left."""
+    for stop_at in (State.RESTARTING, State.PROBATION):
+        async with graceful_restart.open(
+            command=[sys.executable, str(SERVER), "--kind", "echo", "--pid-file", "/dev/null"],
+            probation=30,
+            drain_timeout=30,
+        ) as gr:
+            listeners = await gr.open_tcp_listeners(0, host="127.0.0.1")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(gr.serve_listeners, _ignore, listeners)
+                await trio.testing.wait_all_tasks_blocked()
+                outcome: list[BaseException] = []
+                nursery.start_soon(_restart_into, gr, outcome)
+                machine = gr._machine
+                await machine.wait_leaving(State.SERVING)
+                if stop_at is State.PROBATION:
+                    await machine.wait_leaving(State.RESTARTING)
+                assert gr.state is stop_at
+                gr.shutdown()
+        assert gr.statistics().state is State.STOPPED
+        assert all(isinstance(error, graceful_restart.RestartError) for error in outcome)
+        assert children() == [], f"the successor outlived a shutdown at {stop_at}"
+
+
+async def _restart_into(gr: graceful_restart.GracefulRestart, outcome: list[BaseException]) -> None:
+    try:
+        await gr.restart()
+    except graceful_restart.RestartError as error:
+        outcome.append(error)
+
+
+async def _ignore(stream: trio.SocketStream) -> None:
+    await stream.aclose()

@@ -37,12 +37,13 @@ def service(
     extra: str = "",
     command: str | None = None,
     kind: str = "notify",
+    options: str = "",
 ) -> str:
     """The unit of docs/deploy.md, running the test server on ``port``."""
     server = f"{sys.executable} {SERVER}"
     start = command or (
         f"{server} --port {port} --pid-file {directory}/app.pid "
-        f"--deploy-file {directory}/deploy --drain-timeout 20 --probation 0.5"
+        f"--deploy-file {directory}/deploy --drain-timeout 20 --probation 0.5 {options}"
     )
     return f"""[Unit]
 DefaultDependencies=no
@@ -111,6 +112,12 @@ def load(port: int) -> Load:
     return start_clients(
         [("new-connection", HttpOneShot), ("keep-alive", HttpKeepAlive)], port, CAP
     )
+
+
+def more_requests(traffic: Load, when: str, count: int = 20) -> None:
+    """Wait until ``count`` more requests were answered."""
+    before = traffic.requests()
+    wait_until(lambda: traffic.requests() > before + count, f"{count} requests {when}")
 
 
 def failures(load: Load) -> list[str]:
@@ -275,3 +282,49 @@ def test_the_keeper_unit_reloads_and_stops_cleanly(machine: Machine, tmp_path: P
     assert keeper_pids == [main] * 3
     assert state(machine)["Result"] == "success", log(tmp_path) + machine.console()
     assert "SIGKILL" not in machine.console()
+
+
+def test_the_fd_store_keeps_the_queue_across_systemctl_restart(
+    machine: Machine, tmp_path: Path
+) -> None:
+    """With the fd store, ``systemctl restart`` under load refuses no connection."""
+    port = start(machine, tmp_path, extra="FileDescriptorStoreMax=4", options="--fd-store")
+    first = machine.main_pid(UNIT)
+    machine.systemctl("reload", UNIT)
+    main = wait_main_pid(machine, first)
+    traffic = load(port)
+    with traffic:
+        wait_until(lambda: traffic.requests() > 20, "requests before the restart")
+        for _ in range(2):
+            machine.systemctl("restart", UNIT)
+            main = wait_main_pid(machine, main)
+            more_requests(traffic, "after the restart")
+    assert failures(traffic) == []
+    assert int(machine.show(UNIT, "NFileDescriptorStore")["NFileDescriptorStore"]) == 1
+    assert "Address already in use" not in log(tmp_path)
+
+
+def test_socket_activation_then_reload_then_restart(machine: Machine, tmp_path: Path) -> None:
+    """A socket-activated service: reloads hand the socket over, restarts get it from systemd."""
+    port = free_port()
+    machine.write_unit(
+        "app.socket",
+        f"[Unit]\nDefaultDependencies=no\n[Socket]\nListenStream=127.0.0.1:{port}\n"
+        "FileDescriptorName=web\nService=app.service\n",
+    )
+    machine.write_unit(UNIT, service(port, tmp_path, extra="Requires=app.socket"))
+    machine.systemctl("daemon-reload")
+    machine.systemctl("start", "app.socket")
+    traffic = load(port)  # the first request starts the service
+    with traffic:
+        wait_until(lambda: traffic.requests() > 20, f"the service to answer\n{machine.console()}")
+        main = machine.main_pid(UNIT)
+        machine.systemctl("reload", UNIT)
+        main = wait_main_pid(machine, main)
+        more_requests(traffic, "after the reload")
+        machine.systemctl("restart", UNIT)
+        wait_main_pid(machine, main)
+        more_requests(traffic, "after the restart")
+    assert failures(traffic) == []
+    assert "generation 2, taking over" in log(tmp_path)
+    assert state(machine, "app.socket")["ActiveState"] == "active"

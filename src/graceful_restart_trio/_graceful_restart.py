@@ -78,7 +78,15 @@ from ._predecessor import Serving, hand_over
 from ._signals import check_main_thread, receive_signals
 from ._state import ACCEPTING, State, StateMachine
 from ._successor import Successor, default_command, startup_directory
-from ._systemd import Notifier, listen_fds, monotonic_usec, run_watchdog, watchdog_interval
+from ._systemd import (
+    Notifier,
+    listen_fds,
+    monotonic_usec,
+    remove_stored_fds,
+    run_watchdog,
+    store_fds,
+    watchdog_interval,
+)
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -277,6 +285,7 @@ class GracefulRestart:
         socks = await self._listeners.tcp(port, host, backlog, name)
         for sock in socks:
             self._log.info("listening on tcp %s", _address(sock))
+        self._store_listeners()  # opened late: store it too
         return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks]
 
     async def open_unix_listener(
@@ -297,6 +306,7 @@ class GracefulRestart:
         """
         sock = self._listeners.unix(path, mode, backlog, name)
         self._log.info("listening on unix %s", sock.getsockname())
+        self._store_listeners()
         return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def close_unclaimed(self) -> list[str]:
@@ -310,6 +320,9 @@ class GracefulRestart:
         names = self._listeners.close_unclaimed()
         for name in names:
             self._log.info("closed inherited listener %s, which nobody opened", name)
+        notifier = self._fd_store()
+        if notifier is not None:
+            remove_stored_fds(notifier, names)
         return names
 
     def open_socket(self, name: str, create: Callable[[], socket.socket]) -> socket.socket:
@@ -318,7 +331,9 @@ class GracefulRestart:
         Returns the socket inherited under ``name``, or else ``create()``'s. Either way
         the next successor inherits it.
         """
-        return self._listeners.custom(name, create)
+        sock = self._listeners.custom(name, create)
+        self._store_listeners()
+        return sock
 
     async def accept_connections(
         self,
@@ -574,6 +589,7 @@ class GracefulRestart:
         self._in_charge.set()
         if self._options.pid_file is not None:
             write_pid_file(self._options.pid_file, self._pid)
+        self._store_listeners()
         if self._inheritance is None:  # a successor's READY=1 came with MAINPID=
             self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
         if self.keeper_pid is None and self._notifier is not None and self._watchdog is not None:
@@ -726,6 +742,22 @@ class GracefulRestart:
     def _notify(self, **fields: str | int) -> None:
         if self._notifier is not None:
             self._notifier.send(fields)
+
+    def _fd_store(self) -> Notifier | None:
+        """Where to keep the listeners in systemd's fd store, if this process does."""
+        wanted = self._options.fd_store
+        if wanted is None:
+            wanted = "FDSTORE" in os.environ
+        return self._notifier if wanted and self.keeper_pid is None else None
+
+    def _store_listeners(self) -> None:
+        """Keep every listener in systemd's fd store, once this process is in charge.
+
+        Storing a socket again is harmless: systemd keeps one copy.
+        """
+        notifier = self._fd_store()
+        if notifier is not None and self._in_charge.is_set():
+            store_fds(notifier, self._listeners.handover())
 
     def _close(self) -> None:
         """The last word of a process: release everything, say goodbye if in charge."""

@@ -112,6 +112,10 @@ class Options:
         command: the command line of the successor, instead of this process's own.
         logger: the name of the :mod:`logging` logger to log to.
         systemd: speak the systemd notify protocol when ``NOTIFY_SOCKET`` is set.
+        fd_store: keep the listening sockets in systemd's file descriptor store, so that
+            they outlive a ``systemctl restart`` or a crash (the unit needs
+            ``FileDescriptorStoreMax=``). None (the default): when systemd says the unit
+            has a store (``$FDSTORE``, systemd 254+).
 
     Raises:
         TypeError: an option has the wrong type (the message names it).
@@ -131,6 +135,9 @@ class Options:
     command: tuple[str, ...] | None = attrs.field(default=None, converter=_command)
     logger: str = attrs.field(default="graceful_restart_trio", converter=_logger)
     systemd: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    fd_store: bool | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
+    )
 
     def __attrs_post_init__(self) -> None:
         both = self.restart_signals & self.shutdown_signals

@@ -142,14 +142,18 @@ class Successor:
         control_theirs.close()
         channel_theirs.close()
         control_reader = LineReader(trio.socket.from_stdlib_socket(control))
-        line, pidfds = await control_reader.receive()
-        word, _, argument = line.decode(errors="replace").partition(" ")
+        line, pidfds = b"", list[int]()
+        try:
+            line, pidfds = await control_reader.receive()
+        finally:
+            word, _, argument = line.decode(errors="replace").partition(" ")
+            if word != "started" or len(pidfds) != 1:  # failed, or we were cancelled
+                for fd in pidfds:
+                    os.close(fd)
+                with trio.CancelScope(shield=True):
+                    await _abort(pid, launcher_pidfd, control)
+                channel.close()
         if word != "started" or len(pidfds) != 1:
-            for fd in pidfds:
-                os.close(fd)
-            _reap(pid, launcher_pidfd)
-            control.close()
-            channel.close()
             why = argument if word == "failed" else f"the launcher said {line[:200]!r}"
             raise SuccessorStartError(f"cannot start {command[0]!r}: {why}")
         reader = LineReader(trio.socket.from_stdlib_socket(channel))
@@ -270,6 +274,18 @@ class Successor:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+async def _abort(pid: int, pidfd: int, control: socket.socket) -> None:
+    """Make the launcher kill whatever it started, wait for it (bounded), reap it."""
+    with contextlib.suppress(OSError):
+        control.send(b"kill\n")  # read once it has started the successor, or failed to
+    with trio.move_on_after(LAUNCHER_GRACE):
+        await trio.lowlevel.wait_readable(pidfd)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid still names it
+    _reap(pid, pidfd)
+    control.close()
 
 
 async def _cancel_when_readable(fd: int, scope: trio.CancelScope) -> None:

@@ -3,7 +3,7 @@
 Three small protocols, each read from the environment systemd gives the process:
 
 * ``NOTIFY_SOCKET``: where :class:`Notifier` sends ``KEY=VALUE`` datagrams
-  (``READY=1``, ``MAINPID=...``, ``WATCHDOG=1``, ...).
+  (``READY=1``, ``MAINPID=...``, ``WATCHDOG=1``, ``FDSTORE=1`` with the sockets, ...).
 * ``LISTEN_PID`` / ``LISTEN_FDS`` / ``LISTEN_FDNAMES``: the sockets systemd opened for us,
   on fds 3, 4, ... (:func:`listen_fds`).
 * ``WATCHDOG_USEC`` / ``WATCHDOG_PID``: how often systemd wants to hear from us
@@ -15,12 +15,13 @@ missing or broken systemd must not take the service down, so failures are logged
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import time
 import typing
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 
 import attrs
 import trio
@@ -32,7 +33,10 @@ __all__ = [
     "Notifier",
     "listen_fds",
     "monotonic_usec",
+    "remove_stored_fds",
     "run_watchdog",
+    "store_fds",
+    "stored_name",
     "watchdog_interval",
 ]
 
@@ -124,7 +128,7 @@ class Notifier:
         """The ``NOTIFY_SOCKET`` value this notifier sends to."""
         return self._address
 
-    def send(self, message: Mapping[str, str | int]) -> None:
+    def send(self, message: Mapping[str, str | int], fds: Sequence[int] = ()) -> None:
         """Send ``message`` as one datagram of ``KEY=VALUE`` lines, in the mapping's order.
 
         If the datagram cannot be sent, a warning is logged and nothing is raised.
@@ -132,6 +136,7 @@ class Notifier:
         Args:
             message: the fields, for example ``{"READY": 1, "STATUS": "serving"}``.
                 An integer (or a bool) is written as a decimal number.
+            fds: file descriptors to pass along (``SCM_RIGHTS``), for ``FDSTORE=1``.
 
         Raises:
             ValueError: if a key is empty or contains ``=`` or a newline, or a value
@@ -149,7 +154,8 @@ class Notifier:
             if self._socket is None:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._socket.setblocking(False)
-            self._socket.sendto(datagram, sockaddr)
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            self._socket.sendmsg([datagram], ancillary if fds else [], 0, sockaddr)
         except OSError as exc:
             _logger.warning("cannot notify systemd at NOTIFY_SOCKET=%s: %s", self._address, exc)
 
@@ -218,7 +224,7 @@ def listen_fds(environ: MutableMapping[str, str], pid: int) -> list[InheritedSoc
         os.set_inheritable(fd, False)
     if names is None:
         names = ["unknown"] * count
-    return [InheritedSocket(name, fd) for name, fd in zip(names, fds, strict=True)]
+    return [InheritedSocket(stored_name(name), fd) for name, fd in zip(names, fds, strict=True)]
 
 
 def _parse_fd_names(text: str | None, count: int) -> list[str] | None:
@@ -234,6 +240,34 @@ def _parse_fd_names(text: str | None, count: int) -> list[str] | None:
         if not (0 < len(name) <= _MAX_FD_NAME_LENGTH and name.isascii() and name.isprintable()):
             raise SocketActivationError(f"LISTEN_FDNAMES holds an invalid name: {name!r}")
     return names
+
+
+def store_name(name: str) -> str:
+    """A listener's name as an ``FDNAME=`` (no ``:``, which separates ``LISTEN_FDNAMES``)."""
+    return name.replace("%", "%25").replace(":", "%3A")
+
+
+def stored_name(fdname: str) -> str:
+    """The listener's name back from a name in ``LISTEN_FDNAMES`` (see :func:`store_name`)."""
+    return fdname.replace("%3A", ":").replace("%25", "%")
+
+
+def store_fds(notifier: Notifier, listeners: Sequence[tuple[str, int]]) -> None:
+    """Keep ``listeners`` in systemd's file descriptor store, each under its name.
+
+    systemd keeps them while the service restarts (``systemctl restart``, ``Restart=``)
+    and passes them back through ``LISTEN_FDS``: their accept queues live on, so clients
+    that connect while no process runs wait instead of being refused. A socket already in
+    the store is not stored twice. The unit needs ``FileDescriptorStoreMax=``.
+    """
+    for name, fd in listeners:
+        notifier.send({"FDSTORE": 1, "FDNAME": store_name(name)}, [fd])
+
+
+def remove_stored_fds(notifier: Notifier, names: Sequence[str]) -> None:
+    """Remove the listeners called ``names`` from systemd's file descriptor store."""
+    for name in names:
+        notifier.send({"FDSTOREREMOVE": 1, "FDNAME": store_name(name)})
 
 
 def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:

@@ -93,6 +93,7 @@ async def main(args: argparse.Namespace, behaviour: str) -> None:
         "drain_timeout": args.drain_timeout,
         "ready_timeout": args.ready_timeout,
         "probation": args.probation,
+        "fd_store": args.fd_store or None,
     }
     async with graceful_restart.open(**options) as gr:
         if args.unix:
@@ -180,6 +181,7 @@ if __name__ == "__main__":
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     parser.add_argument("--probation", type=float, default=0.2)
     parser.add_argument("--late-port", type=int)
+    parser.add_argument("--fd-store", action="store_true", help="keep listeners in the fd store")
     arguments = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
