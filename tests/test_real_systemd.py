@@ -38,6 +38,7 @@ def service(
     command: str | None = None,
     kind: str = "notify",
     options: str = "",
+    kill: str = "KillMode=mixed\nExitType=cgroup",
 ) -> str:
     """The unit of docs/deploy.md, running the test server on ``port``."""
     server = f"{sys.executable} {SERVER}"
@@ -53,8 +54,7 @@ Type={kind}
 ExecStart={start}
 ExecReload=/bin/kill -HUP $MAINPID
 NotifyAccess=main
-KillMode=mixed
-ExitType=cgroup
+{kill}
 TimeoutStopSec=40
 Restart=on-failure
 RestartSec=100ms
@@ -328,3 +328,32 @@ def test_socket_activation_then_reload_then_restart(machine: Machine, tmp_path: 
     assert failures(traffic) == []
     assert "generation 2, taking over" in log(tmp_path)
     assert state(machine, "app.socket")["ActiveState"] == "active"
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [
+        "KillMode=mixed\nExitType=cgroup",
+        "KillMode=mixed\nExitType=main",
+        "KillMode=control-group\nExitType=main",
+    ],
+    ids=["mixed-cgroup", "mixed-main", "control-group-main"],
+)
+def test_stop_drains_every_generation(machine: Machine, tmp_path: Path, kill: str) -> None:
+    """``systemctl stop`` with a slow request on each of three generations: all complete."""
+    port = start(machine, tmp_path, kill=kill)
+    main = machine.main_pid(UNIT)
+    sleeps = LogTail(tmp_path / "app.log", "request /sleep started")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        slow = []
+        for generation in range(3):
+            slow += slow_requests(pool, port, 1)
+            wait_started(sleeps, len(slow))
+            if generation < 2:
+                machine.systemctl("reload", UNIT)
+                main = wait_main_pid(machine, main)
+        machine.systemctl("stop", UNIT)
+        outcomes = [request.result()[0] for request in slow]
+    assert outcomes == [200, 200, 200], machine.console()
+    assert "SIGKILL" not in machine.console()
+    assert state(machine)["Result"] == "success"
