@@ -23,14 +23,13 @@ import argparse
 import contextlib
 import logging
 import os
-from functools import partial
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    WebSocketServer,
+    wrap_server_stream,
 )
 
 import graceful_restart_trio as graceful_restart
@@ -84,14 +83,15 @@ async def echo(request: WebSocketRequest, gr: graceful_restart.GracefulRestart) 
 async def main(port: int, pid_file: str | None, drain_timeout: float) -> None:
     async with graceful_restart.open(pid_file=pid_file, drain_timeout=drain_timeout) as gr:
         listeners = await gr.open_tcp_listeners(port, host="127.0.0.1")
+
+        async def serve_websocket(stream: trio.SocketStream) -> None:
+            await echo(await wrap_server_stream(handlers, stream), gr)
+
         # Like gr.serve_listeners: the server holds a lease until its last handler is
-        # done; it accepts until draining begins; it says ready once it accepts.
+        # done; it accepts until this process stops accepting (pausing while a successor
+        # is on probation); it says ready once it accepts.
         async with gr.lease(), trio.open_nursery() as handlers:
-            with gr.accepting():
-                server = WebSocketServer(partial(echo, gr=gr), listeners, handler_nursery=handlers)
-                async with trio.open_nursery() as acceptor:
-                    await acceptor.start(server.run)
-                    gr.ready()
+            await gr.accept_connections(listeners, serve_websocket, handler_nursery=handlers)
 
 
 if __name__ == "__main__":

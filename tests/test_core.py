@@ -385,6 +385,19 @@ async def test_any_number_of_tasks_may_wait_for_idle_leases() -> None:
     assert sorted(woken) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("path", ["/dev/null", "."])
+async def test_a_pid_file_that_is_not_a_regular_file_is_refused(path: str) -> None:
+    """A device or a directory at the pid file's path is an error, never replaced."""
+    with pytest.raises(graceful_restart.PidFileError, match="not a regular file"):
+        async with graceful_restart.open(pid_file=path):
+            pass  # pragma: no cover
+    assert _is_char_device("/dev/null")
+
+
+def _is_char_device(path: str) -> bool:
+    return Path(path).is_char_device()
+
+
 def test_the_pid_file_never_follows_a_planted_link(tmp_path: Path) -> None:
     """Whoever can write the directory cannot make the pid file truncate another file."""
     victim = tmp_path / "victim"
@@ -434,11 +447,12 @@ async def test_a_second_open_at_once_is_a_usage_error() -> None:
         pass
 
 
-async def test_shutdown_at_every_step_of_a_restart_leaves_one_story() -> None:
+async def test_shutdown_at_every_step_of_a_restart_leaves_one_story(tmp_path: Path) -> None:
     """gr.shutdown() at each state of a restart: no illegal transition, no successor left."""
+    pid_file = tmp_path / "successor.pid"
     for stop_at in (State.RESTARTING, State.PROBATION):
         async with graceful_restart.open(
-            command=[sys.executable, str(SERVER), "--kind", "echo", "--pid-file", "/dev/null"],
+            command=[sys.executable, str(SERVER), "--kind", "echo", "--pid-file", str(pid_file)],
             probation=30,
             drain_timeout=30,
         ) as gr:

@@ -113,7 +113,9 @@ def test_restarts_under_load_lose_no_request(
     start_server: StartServer, tmp_path: Path, kind: str, client: type[Client]
 ) -> None:
     """10 SIGHUPs to the keeper under load: all answered, a new app pid each, same keeper."""
-    server = start_keeper(start_server, tmp_path, "--kind", kind)
+    server = start_keeper(
+        start_server, tmp_path, "--kind", kind, keeper_options=["--probation", "0.5"]
+    )
     keeper = server.first.pid
     pids = [server.wait_serving()]
     port = server.port

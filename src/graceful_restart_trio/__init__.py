@@ -38,7 +38,7 @@ from ._options import Options as Options
 from ._signals import ignore_sighup as _ignore_sighup
 from ._state import State as State
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # A SIGHUP before open() installs its handler must not kill the process.
 _ignore_sighup()

@@ -15,12 +15,15 @@ def check_pid_file(path: Path) -> None:
     """Fail early, naming the problem, if ``path`` can never be written.
 
     Raises:
-        PidFileError: its directory is missing or is not a directory.
+        PidFileError: its directory is missing or is not a directory, or ``path`` exists
+            and is not a regular file.
     """
     if not path.parent.is_dir():
         raise PidFileError(f"pid file {path}: directory {path.parent} does not exist")
-    if path.is_dir():
-        raise PidFileError(f"pid file {path} is a directory")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # The file is replaced by a rename: that would replace a device (/dev/null, say),
+        # a directory, or a link, rather than write to it.
+        raise PidFileError(f"pid file {path} exists and is not a regular file")
 
 
 def write_pid_file(path: Path, pid: int) -> None:

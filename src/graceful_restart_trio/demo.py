@@ -67,7 +67,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def _serve(args: argparse.Namespace) -> None:
     async with graceful_restart.open(
-        pid_file=args.pid_file, drain_timeout=args.drain_timeout
+        pid_file=args.pid_file, drain_timeout=args.drain_timeout, probation=args.probation
     ) as gr:
         listeners = await gr.open_tcp_listeners(args.port, host=args.host)
         config = Config()
@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     parser.add_argument("--pid-file", help="file to hold the pid of the serving process")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument(
+        "--probation", type=float, default=5.0, help="seconds a new copy is watched (default 5)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     trio.run(_serve, args)
