@@ -103,11 +103,15 @@ async def hand_over(
         SuccessorTimeoutError: it was not ready within ``ready_timeout``.
     """
     started = time.monotonic()
-    successor = await Successor.start(command, env=env, cwd=cwd, fds=fds)
+    deadline = trio.current_time() + ready_timeout
+    with trio.move_on_at(deadline) as starting:
+        successor = await Successor.start(command, env=env, cwd=cwd, fds=fds)
+    if starting.cancelled_caught:
+        raise SuccessorTimeoutError(f"the launcher did not start {command[0]!r} in time")
     log.info("%s started: %s", label.format(successor.pid), " ".join(command))
     paused = False
     try:
-        line, fds = await _ready(successor, ready_timeout)
+        line, fds = await _ready(successor, deadline, ready_timeout)
         try:
             ready = accept_ready(line, fds)
         except InheritanceError as error:
@@ -139,8 +143,8 @@ async def hand_over(
     return successor, ready
 
 
-async def _ready(successor: Successor, timeout: float) -> tuple[bytes, list[int]]:
-    with trio.move_on_after(timeout):
+async def _ready(successor: Successor, deadline: float, timeout: float) -> tuple[bytes, list[int]]:
+    with trio.move_on_at(deadline):
         return await successor.wait_ready()
     raise SuccessorTimeoutError(
         f"successor {successor.pid} was not ready within {timeout:g}s: killed it"
