@@ -63,9 +63,8 @@ def _spawn(cwd: str, command: list[str], fds: int) -> int:
     # dup2 clears close-on-exec on its target.
     actions = [(os.POSIX_SPAWN_DUP2, fd + 1, fd) for fd in range(CONTROL_FD, CONTROL_FD + fds)]
     os.chdir(cwd)
+    # SIGHUP stays ignored (inherited from us, see main) until the successor handles it.
     everything = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGHUP}
-    # SIGHUP stays ignored (inherited from us) until the successor handles it.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return os.posix_spawnp(
         command[0],
         command,
@@ -126,6 +125,7 @@ def _say(control: socket.socket, line: str, fds: list[int] | None = None) -> Non
 
 
 def main() -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # first: a restart signal must not kill us
     cwd, fds, *command = json.loads(sys.argv[1])
     control = socket.socket(fileno=CONTROL_FD)
     libc = ctypes.CDLL(None, use_errno=True)

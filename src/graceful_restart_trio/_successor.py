@@ -10,8 +10,8 @@ Why ``os.posix_spawn`` and not :mod:`subprocess` (in the launcher too): a succes
 start with every signal at its default action and an empty signal mask (``SIG_IGN`` and
 the mask survive ``exec``, and a copy that ignores ``SIGTERM`` cannot be stopped), which
 only ``posix_spawn`` can ask for; and ``os.fork`` is unsafe in a process with threads.
-The one exception is ``SIGHUP``: the successor starts with it *ignored*, so that a
-``SIGHUP`` arriving before its handler is installed cannot kill it.
+The one exception is ``SIGHUP``: the successor starts with it *ignored* (the launcher
+sees to it), so that a ``SIGHUP`` arriving before its handler is installed cannot kill it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ LAUNCHER_SOURCE = Path(__file__).with_name("_launcher.py").read_text(encoding="u
 LAUNCHER_GRACE = 10.0
 """Seconds the launcher gets to kill and reap what a successor left, or to exit."""
 
-_KEEP_IGNORED = frozenset({signal.SIGHUP})
 _RESET_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
@@ -322,8 +321,7 @@ def _inheritable_fds() -> list[int]:
 def _spawn(command: Sequence[str], env: Mapping[str, str], fds: Sequence[int]) -> int:
     """Start ``command`` in a new session with ``fds`` at 3, 4, ... and no other fd above 2.
 
-    Signals start at their default actions (``SIGHUP`` ignored, see the module docstring)
-    with an empty mask. Must be called from the main thread.
+    Signals start at their default actions with an empty mask.
 
     Raises:
         OSError: the command could not be started.
@@ -339,19 +337,18 @@ def _spawn(command: Sequence[str], env: Mapping[str, str], fds: Sequence[int]) -
             (os.POSIX_SPAWN_DUP2, copy, target)
             for copy, target in zip(copies, targets, strict=True)
         ]
-        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        try:
-            return os.posix_spawn(
-                command[0],
-                list(command),
-                env,
-                file_actions=actions,
-                setsid=True,
-                setsigmask=(),
-                setsigdef=_RESET_SIGNALS - _KEEP_IGNORED,
-            )
-        finally:
-            signal.signal(signal.SIGHUP, previous)
+        # Every signal at its default action, SIGHUP too: this process's dispositions are
+        # never touched (a signal arriving meanwhile would be lost); the launcher, which
+        # has no other thread, ignores SIGHUP for the successor.
+        return os.posix_spawn(
+            command[0],
+            list(command),
+            env,
+            file_actions=actions,
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_RESET_SIGNALS,
+        )
     finally:
         for copy in copies:
             os.close(copy)
