@@ -58,6 +58,14 @@ MASKED = (
 )
 
 
+def version(systemd: Path = SYSTEMD) -> str:
+    """``systemd 252 (252.38-1~deb12u1)``: the first line of ``systemd --version``."""
+    output = subprocess.run(
+        [str(systemd), "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    return output.stdout.splitlines()[0]
+
+
 def cgroup2_root() -> Path:
     """Where the host's writable cgroup2 hierarchy is mounted."""
     if (CGROUP2 / "cgroup.procs").exists():
@@ -77,9 +85,14 @@ class Machine:
     console_log: Path
     _console: int
     _reader: threading.Thread
+    main_pids: list[int] = attrs.field(factory=list)
+    """Every MainPID seen (host pids), in order: the figures a test run reports."""
+    stops: list[float] = attrs.field(factory=list)
+    """How long each ``systemctl stop`` took, in seconds."""
 
     def systemctl(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
         """Run ``systemctl ARGS`` inside the namespaces; its output."""
+        began = time.monotonic()
         result = subprocess.run(
             ["nsenter", "-t", str(self.pid), "-m", "-p", "systemctl", "--no-pager", *args],
             capture_output=True,
@@ -87,6 +100,8 @@ class Machine:
             timeout=timeout,
             check=False,
         )
+        if args[:1] == ("stop",):
+            self.stops.append(time.monotonic() - began)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"systemctl {' '.join(args)} exited {result.returncode}: "
@@ -119,7 +134,10 @@ class Machine:
     def main_pid(self, unit: str) -> int | None:
         """The unit's main process, as a host pid (None when it has none)."""
         pid = int(self.show(unit, "MainPID")["MainPID"])
-        return self.host_pid(pid) if pid else None
+        host = self.host_pid(pid) if pid else None
+        if host is not None and host not in self.main_pids:
+            self.main_pids.append(host)
+        return host
 
     def console(self) -> str:
         """What PID 1 wrote on the console so far."""

@@ -44,6 +44,17 @@ def pytest_configure(config: pytest.Config) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the tests under a real systemd saw: MainPIDs, requests, stop times."""
+    from . import test_real_systemd  # noqa: PLC0415 - only once the run is over
+    from ._real_systemd import version  # noqa: PLC0415
+
+    if test_real_systemd.REPORT:
+        terminalreporter.section(f"under a real systemd: {version()}")
+        for line in test_real_systemd.REPORT:
+            terminalreporter.line(line)
+
+
 def wait_until(condition: Callable[[], T | None], what: str, timeout: float = TIMEOUT) -> T:
     """Poll ``condition`` until it returns something true; return that."""
     deadline = time.monotonic() + timeout

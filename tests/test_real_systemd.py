@@ -66,11 +66,25 @@ StandardError=inherit
 """
 
 
+REPORT: list[str] = []
+"""One line per test: what it saw (printed at the end of the run, see conftest)."""
+LOADS: list[Load] = []
+
+
 @pytest.fixture
-def machine(tmp_path: Path) -> Iterator[Machine]:
-    """A real systemd, booted for this test and gone after it."""
+def machine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Machine]:
+    """A real systemd, booted for this test and gone after it; its figures reported."""
+    LOADS.clear()
     with boot(tmp_path) as booted:
         yield booted
+    tallies = [tally for load in LOADS for tally in load.tallies]
+    sent = sum(tally.requests + len(tally.failures) for tally in tallies)
+    failed = sum(len(tally.failures) for tally in tallies)
+    stops = ", ".join(f"{seconds:.2f} s" for seconds in booted.stops) or "none"
+    REPORT.append(
+        f"{request.node.name}: MainPID {' -> '.join(map(str, booted.main_pids)) or '-'}; "
+        f"requests {sent}, failed {failed}; systemctl stop took {stops}"
+    )
 
 
 def start(machine: Machine, tmp_path: Path, unit: str = UNIT, **options: object) -> int:
@@ -109,9 +123,12 @@ def wait_started(tail: LogTail, count: int) -> None:
 
 
 def load(port: int) -> Load:
-    return start_clients(
+    """Continuous load on ``port``: a client on new connections, one on keep-alive."""
+    clients = start_clients(
         [("new-connection", HttpOneShot), ("keep-alive", HttpKeepAlive)], port, CAP
     )
+    LOADS.append(clients)
+    return clients
 
 
 def more_requests(traffic: Load, when: str, count: int = 20) -> None:
