@@ -20,6 +20,10 @@ the cgroups are removed.
 
 ``systemctl`` runs inside the namespaces (``nsenter -t PID -m -p``); pids it prints are the
 namespace's, which :meth:`Machine.host_pid` translates.
+
+Another systemd version runs the same way (:func:`fetch`): its Debian packages are
+unpacked (``dpkg-deb -x``, nothing is installed) and bind-mounted over the installed
+systemd inside the private mount namespace only.
 """
 
 from __future__ import annotations
@@ -58,12 +62,39 @@ MASKED = (
 )
 
 
-def version(systemd: Path = SYSTEMD) -> str:
-    """``systemd 252 (252.38-1~deb12u1)``: the first line of ``systemd --version``."""
-    output = subprocess.run(
-        [str(systemd), "--version"], capture_output=True, text=True, timeout=30, check=True
+def fetch(suite: str, directory: Path) -> Path:
+    """Unpack systemd and libsystemd-shared from Debian's ``suite`` into ``directory``.
+
+    The mirror is the one this machine's apt already uses; apt's state goes to a
+    directory of its own, so the machine's package lists and sources are left alone.
+    Returns the root to give :func:`boot` as ``overlay``.
+    """
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    mirror = next(
+        line.split()[1] for line in sources.read_text().splitlines() if line.startswith("URIs:")
     )
-    return output.stdout.splitlines()[0]
+    state = directory / "apt"
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "sources.list").write_text(f"deb {mirror} {suite} main\n")
+    apt = [
+        "apt-get",
+        "-q",
+        f"-oDir::Etc::SourceList={state}/sources.list",
+        "-oDir::Etc::SourceParts=/dev/null",
+        f"-oDir::State::Lists={state}/lists",
+        f"-oDir::Cache={state}/cache",
+        "-oAPT::Sandbox::User=root",
+    ]
+    subprocess.run([*apt, "update"], cwd=state, check=True, capture_output=True, timeout=300)
+    packages = [f"systemd/{suite}", f"libsystemd-shared/{suite}"]
+    subprocess.run(
+        [*apt, "download", *packages], cwd=state, check=True, capture_output=True, timeout=300
+    )
+    root = directory / "root"
+    for deb in state.glob("*.deb"):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, timeout=300)
+    return root
 
 
 def cgroup2_root() -> Path:
@@ -139,6 +170,10 @@ class Machine:
             self.main_pids.append(host)
         return host
 
+    def version(self) -> str:
+        """``systemd 252 (252.38-1~deb12u1)``: what runs inside the namespaces."""
+        return self.systemctl("--version").splitlines()[0]
+
     def console(self) -> str:
         """What PID 1 wrote on the console so far."""
         return self.console_log.read_text(errors="replace")
@@ -197,8 +232,11 @@ def _drain_console(console: int, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def boot(directory: Path, systemd: Path = SYSTEMD) -> Iterator[Machine]:
-    """Boot a systemd whose unit directory is ``directory/units``; shut it down after."""
+def boot(directory: Path, overlay: Path | None = None) -> Iterator[Machine]:
+    """Boot a systemd whose unit directory is ``directory/units``; shut it down after.
+
+    ``overlay``: the root :func:`fetch` unpacked another systemd into, to run instead.
+    """
     unit_dir = directory / "units"
     unit_dir.mkdir(exist_ok=True)
     (unit_dir / TARGET).write_text(
@@ -212,15 +250,24 @@ def boot(directory: Path, systemd: Path = SYSTEMD) -> Iterator[Machine]:
     cgroup.mkdir()
     console, pty = os.openpty()
     console_log = directory / "console.log"
+    versioned = []
+    if overlay is not None:
+        versioned = [
+            f"mount --bind {overlay}/lib/systemd /usr/lib/systemd",
+            f"mount --bind {overlay}/usr/lib/x86_64-linux-gnu/systemd "
+            "/usr/lib/x86_64-linux-gnu/systemd",
+            f"mount --bind {overlay}/bin/systemctl /usr/bin/systemctl",
+        ]
     inner = " && ".join(
         [
+            *versioned,
             "mount -t proc proc /proc",
             "mount -t tmpfs tmpfs /run",
             "mkdir -p /run/systemd/system",
             f"mount --bind {unit_dir} /run/systemd/system",
             f"mount --bind {os.ttyname(pty)} /dev/console",
             "mount -t cgroup2 cgroup2 /sys/fs/cgroup",
-            f"exec env -i {systemd} --system --unit={TARGET} --log-target=console",
+            f"exec env -i {SYSTEMD} --system --unit={TARGET} --log-target=console",
         ]
     )
     outer = (

@@ -47,10 +47,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """What the tests under a real systemd saw: MainPIDs, requests, stop times."""
     from . import test_real_systemd  # noqa: PLC0415 - only once the run is over
-    from ._real_systemd import version  # noqa: PLC0415
 
     if test_real_systemd.REPORT:
-        terminalreporter.section(f"under a real systemd: {version()}")
+        terminalreporter.section("under a real systemd")
         for line in test_real_systemd.REPORT:
             terminalreporter.line(line)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ._load import CLIENT_TIMEOUT, HttpKeepAlive, HttpOneShot, Load, LogTail, start_clients
-from ._real_systemd import Machine, boot
+from ._real_systemd import Machine, boot, fetch
 from .conftest import ROOT, SERVER, answering_pid, free_port, http_get, wait_until
 
 CAP = 100_000
@@ -75,14 +75,18 @@ LOADS: list[Load] = []
 def machine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Machine]:
     """A real systemd, booted for this test and gone after it; its figures reported."""
     LOADS.clear()
-    with boot(tmp_path) as booted:
+    overlay = (
+        request.getfixturevalue("systemd_254") if "notify_reload" in request.node.name else None
+    )
+    with boot(tmp_path, overlay) as booted:
+        booted_version = booted.version()
         yield booted
     tallies = [tally for load in LOADS for tally in load.tallies]
     sent = sum(tally.requests + len(tally.failures) for tally in tallies)
     failed = sum(len(tally.failures) for tally in tallies)
     stops = ", ".join(f"{seconds:.2f} s" for seconds in booted.stops) or "none"
     REPORT.append(
-        f"{request.node.name}: MainPID {' -> '.join(map(str, booted.main_pids)) or '-'}; "
+        f"{request.node.name} ({booted_version}): MainPID {' -> '.join(map(str, booted.main_pids)) or '-'}; "
         f"requests {sent}, failed {failed}; systemctl stop took {stops}"
     )
 
@@ -374,3 +378,31 @@ def test_stop_drains_every_generation(machine: Machine, tmp_path: Path, kill: st
     assert outcomes == [200, 200, 200], machine.console()
     assert "SIGKILL" not in machine.console()
     assert state(machine)["Result"] == "success"
+
+
+@pytest.fixture(scope="session")
+def systemd_254(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """systemd 254 from Debian's bookworm-backports, unpacked (not installed)."""
+    return fetch("bookworm-backports", tmp_path_factory.mktemp("systemd-254"))
+
+
+def test_notify_reload_returns_once_the_successor_is_main(machine: Machine, tmp_path: Path) -> None:
+    """Type=notify-reload (systemd 254): reload returns with MainPID moved, or rolled back."""
+    assert machine.version().startswith("systemd 254"), machine.version()
+    port = start(machine, tmp_path, kind="notify-reload", extra="ExecReload=")
+    main = machine.main_pid(UNIT)
+    traffic = load(port)
+    with traffic:
+        for _ in range(3):
+            machine.systemctl("reload", UNIT)  # returns once READY=1 came: the commit
+            moved = machine.main_pid(UNIT)
+            assert moved not in (None, main), machine.console()
+            assert state(machine)["StatusText"].startswith("serving: generation")
+            main = moved
+        (tmp_path / "deploy").write_text("quit-after-ready")
+        machine.systemctl("reload", UNIT)  # the rollback answers it too
+        assert machine.main_pid(UNIT) == main
+        assert "restart failed" in state(machine)["StatusText"]
+        more_requests(traffic, "after the rollback")
+    assert failures(traffic) == []
+    assert state(machine)["ActiveState"] == "active"
