@@ -85,8 +85,9 @@ def machine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Machine]
     sent = sum(tally.requests + len(tally.failures) for tally in tallies)
     failed = sum(len(tally.failures) for tally in tallies)
     stops = ", ".join(f"{seconds:.2f} s" for seconds in booted.stops) or "none"
+    pids = " -> ".join(map(str, booted.main_pids)) or "-"
     REPORT.append(
-        f"{request.node.name} ({booted_version}): MainPID {' -> '.join(map(str, booted.main_pids)) or '-'}; "
+        f"{request.node.name} ({booted_version}): MainPID {pids}; "
         f"requests {sent}, failed {failed}; systemctl stop took {stops}"
     )
 
