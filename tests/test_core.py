@@ -482,3 +482,27 @@ async def _restart_into(gr: graceful_restart.GracefulRestart, outcome: list[Base
 
 async def _ignore(stream: trio.SocketStream) -> None:
     await stream.aclose()
+
+
+async def test_a_busy_unix_listener_is_detected_without_blocking(tmp_path: Path) -> None:
+    """Another process's listener with a full backlog: ListenerError, the loop never blocks."""
+    path = str(tmp_path / "busy.sock")
+    queued: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX) as busy:
+        busy.bind(path)
+        busy.listen(0)
+        try:
+            while True:  # fill the backlog until a connect would block
+                client = socket.socket(socket.AF_UNIX)
+                client.setblocking(False)
+                queued.append(client)
+                client.connect(path)
+        except BlockingIOError:
+            pass
+        try:
+            async with graceful_restart.open() as gr:
+                with pytest.raises(graceful_restart.ListenerError, match="another process"):
+                    await gr.open_unix_listener(path)
+        finally:
+            for client in queued:
+                client.close()

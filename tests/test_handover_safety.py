@@ -416,3 +416,37 @@ def test_keeper_stop_during_a_probation_tells_each_generation_once(
     assert "SIGTERM received again" not in log
     assert "cutting the drain short" not in log
     assert children() == []
+
+
+def test_the_keeper_leaves_no_unix_socket_file_behind(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Under the keeper, a generation's unix socket file is removed on the final stop."""
+    path = tmp_path / "echo.sock"
+    server = start_keeper(start_server, tmp_path, "--kind", "echo", "--unix", str(path))
+    keeper = server.first.pid
+    old = server.wait_serving()
+    os.kill(keeper, signal.SIGHUP)
+    server.wait_handover(old)
+    assert path.exists()
+    os.kill(keeper, signal.SIGTERM)
+    assert server.wait_exit(keeper) == 0
+    assert not path.exists()
+
+
+def test_a_fifo_from_systemd_is_a_socket_activation_error(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A ListenFIFO= fd passed as LISTEN_FDS: SocketActivationError naming the fd."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR)
+    try:
+        command = ["/bin/bash", "-c", f'LISTEN_PID=$$ exec "$@" 3<&{fd} {fd}<&-', "bash"]
+        command += [sys.executable, str(SERVER)]
+        server = start_server(command=command, env={"LISTEN_FDS": "1"}, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert server.wait_exit(server.first.pid) == 1
+    assert "SocketActivationError: systemd passed fd 3" in server.log()
+    assert "not a socket" in server.log()

@@ -233,6 +233,8 @@ class Keeper:
     _new: Generation | None = attrs.field(init=False, default=None)
     """During a restart: the new generation, once it is ready."""
     _listeners: Listeners = attrs.field(init=False, factory=list)
+    _systemds: set[str] = attrs.field(init=False, factory=set)
+    """Names of the listeners systemd passed the keeper: their socket files are systemd's."""
     _generations: int = attrs.field(init=False, default=0)
     _stop_requests: int = attrs.field(init=False, default=0)
     _restart_pending: bool = attrs.field(init=False, default=False)
@@ -278,6 +280,7 @@ class Keeper:
         _become_subreaper()
         self._notifier = Notifier.from_environ(os.environ)  # checked before anything is made
         self._listeners = _activated_sockets(self._pid)
+        self._systemds = {name for name, _ in self._listeners}
         if self.pid_file is not None:
             write_pid_file(self.pid_file, self._pid)
         try:
@@ -360,7 +363,16 @@ class Keeper:
         self._old, self._new = old, None
         env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
         names = [name for name, _ in self._listeners]
-        env[ENV_VAR] = encode(number, old.pid if old else None, names, keeper=self._pid)
+        # A unix socket file is the application's to remove on the final stop, unless
+        # systemd made it: say which, as a predecessor does.
+        ours = [
+            name
+            for name, sock in self._listeners
+            if sock.family == socket.AF_UNIX and name not in self._systemds
+        ]
+        env[ENV_VAR] = encode(
+            number, old.pid if old else None, names, keeper=self._pid, socket_files=ours
+        )
         serving = Serving(self._pause, self._resume, self._commit, self._retire)
         try:
             me = os.pidfd_open(self._pid)
