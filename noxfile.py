@@ -66,5 +66,6 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (ratios against baselines measured in the same run)."""
     session.install("-e", ".[hypercorn]", "h11")
-    for script in ["lease_micro", "import_time", "server_throughput", "restart_under_load"]:
+    scripts = ["lease_micro", "import_time", "server_throughput", "restart_under_load"]
+    for script in [*scripts, "probation_cost"]:
         session.run("python", f"benchmarks/{script}.py", *session.posargs)
