@@ -233,6 +233,8 @@ class Keeper:
     _new: Generation | None = attrs.field(init=False, default=None)
     """During a restart: the new generation, once it is ready."""
     _listeners: Listeners = attrs.field(init=False, factory=list)
+    _offered: Listeners = attrs.field(init=False, factory=list)
+    """The listeners a new generation sent with its ready, until it takes over."""
     _systemds: set[str] = attrs.field(init=False, factory=set)
     """Names of the listeners systemd passed the keeper: their socket files are systemd's."""
     _generations: int = attrs.field(init=False, default=0)
@@ -391,7 +393,7 @@ class Keeper:
                     ready_timeout=self.ready_timeout,
                     probation=self.probation if old else 0.0,
                     log=self._log,
-                    accept_ready=_ready_listeners,
+                    accept_ready=self._accept_ready,
                     label=f"generation {number} pid {{}}",
                 )
                 return self._took_over(listeners)
@@ -406,7 +408,14 @@ class Keeper:
         finally:
             self._handover_scope = None
             os.close(me)
+            if self._offered is not self._listeners:  # it did not take over: drop them
+                _close_listeners(self._offered)
+            self._offered = []
         return None  # failed, or abandoned: a stop came
+
+    def _accept_ready(self, line: bytes, fds: list[int]) -> Listeners:
+        self._offered = _ready_listeners(line, fds)
+        return self._offered
 
     def _took_over(self, listeners: Listeners) -> Generation:
         generation = self._new

@@ -133,11 +133,19 @@ class Successor:
             channel, channel_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             opened += [channel, channel_theirs]
             pid = _spawn(launcher, env, [control_theirs.fileno(), channel_theirs.fileno(), *fds])
-            launcher_pidfd = os.pidfd_open(pid)  # our unreaped child: it cannot be another
         except OSError as error:
             for sock in opened:
                 sock.close()
             raise SuccessorStartError(f"cannot start {sys.executable!r}: {error}") from error
+        try:
+            launcher_pidfd = os.pidfd_open(pid)  # our unreaped child: it cannot be another
+        except OSError as error:  # out of fds: have it kill what it started, and reap it
+            with contextlib.suppress(OSError):
+                control.send(b"kill\n")
+            os.waitpid(pid, 0)  # noqa: ASYNC222 - it exits at once, with whatever it started
+            for sock in opened:
+                sock.close()
+            raise SuccessorStartError(f"cannot follow the launcher: {error}") from error
         control_theirs.close()
         channel_theirs.close()
         control_reader = LineReader(trio.socket.from_stdlib_socket(control))
