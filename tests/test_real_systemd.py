@@ -407,3 +407,29 @@ def test_notify_reload_returns_once_the_successor_is_main(machine: Machine, tmp_
         more_requests(traffic, "after the rollback")
     assert failures(traffic) == []
     assert state(machine)["ActiveState"] == "active"
+
+
+def test_the_keeper_keeps_the_queue_across_systemctl_restart(
+    machine: Machine, tmp_path: Path
+) -> None:
+    """The keeper with the fd store: ``systemctl restart`` under load refuses nothing."""
+    port = free_port()
+    keeper = f"{sys.executable} -m graceful_restart_trio.keeper --probation 0.5 --fd-store --"
+    app = f"{sys.executable} {SERVER} --port {port} --pid-file {tmp_path}/app.pid"
+    unit = service(port, tmp_path, command=f"{keeper} {app}", extra="FileDescriptorStoreMax=4")
+    machine.write_unit(UNIT, unit)
+    machine.systemctl("daemon-reload")
+    machine.systemctl("start", UNIT)
+    wait_until(partial(answers, port), "the service to answer")
+    main = machine.main_pid(UNIT)
+    traffic = load(port)
+    with traffic:
+        more_requests(traffic, "before the restarts")
+        machine.systemctl("reload", UNIT)
+        more_requests(traffic, "after the reload")
+        for _ in range(2):
+            machine.systemctl("restart", UNIT)
+            main = wait_main_pid(machine, main)
+            more_requests(traffic, "after the restart")
+    assert failures(traffic) == []
+    assert int(machine.show(UNIT, "NFileDescriptorStore")["NFileDescriptorStore"]) == 1

@@ -76,7 +76,14 @@ from ._predecessor import Serving, hand_over
 from ._signals import receive_signals
 from ._state import State, StateMachine
 from ._successor import Successor, startup_directory
-from ._systemd import Notifier, listen_fds, monotonic_usec, run_watchdog, watchdog_interval
+from ._systemd import (
+    Notifier,
+    listen_fds,
+    monotonic_usec,
+    run_watchdog,
+    store_fds,
+    watchdog_interval,
+)
 
 __all__ = ["EXIT_GRACE", "Generation", "Keeper", "KeeperStatistics"]
 
@@ -213,12 +220,16 @@ class Keeper:
         ready_timeout: seconds a new generation gets to say ready.
         probation: seconds a ready new generation is watched before the old one drains.
         pid_file: where to write the keeper's own pid (removed at exit), or None.
+        fd_store: keep the listeners in systemd's file descriptor store (also done when
+            systemd says the unit has one, ``$FDSTORE``), so that they outlive a
+            ``systemctl restart``.
     """
 
     command: list[str] = attrs.field(converter=_command_list)
     ready_timeout: float = attrs.field(default=60.0, converter=ready_seconds)
     probation: float = attrs.field(default=5.0, converter=_probation)
     pid_file: Path | None = None
+    fd_store: bool = False
     _log: PrefixLog = attrs.field(
         init=False, factory=lambda: PrefixLog(logging.getLogger(LOGGER), f"[keeper {os.getpid()}]")
     )
@@ -423,6 +434,8 @@ class Keeper:
         _close_listeners(self._listeners)
         self._listeners = listeners
         self._log.info("%s serving with %d listener(s)", generation, len(listeners))
+        if self._notifier is not None and (self.fd_store or "FDSTORE" in os.environ):
+            store_fds(self._notifier, [(name, sock.fileno()) for name, sock in listeners])
         return generation
 
     # The serving side of the predecessor's story (see _predecessor.Serving): the serving

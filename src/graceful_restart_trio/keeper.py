@@ -47,8 +47,8 @@ def _probation(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graceful-restart-keeper",
-        usage="%(prog)s [--pid-file F] [--ready-timeout S] [--probation S] [--log-level L] "
-        "-- command args...",
+        usage="%(prog)s [--pid-file F] [--ready-timeout S] [--probation S] [--fd-store] "
+        "[--log-level L] -- command args...",
         description="Run an application built on graceful_restart_trio under a process "
         "with a stable pid: SIGHUP restarts the application without losing a connection, "
         "SIGTERM/SIGINT drain it and exit with its status.",
@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds a ready new generation is watched before the old one drains; "
         "0 turns it off (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--fd-store",
+        action="store_true",
+        help="keep the listeners in systemd's file descriptor store (the unit needs "
+        "FileDescriptorStoreMax=; automatic when systemd sets $FDSTORE)",
     )
     parser.add_argument(
         "--log-level",
@@ -107,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready_timeout=options.ready_timeout,
         probation=options.probation,
         pid_file=options.pid_file,
+        fd_store=options.fd_store,
     )
     try:
         return trio.run(keeper.run)
