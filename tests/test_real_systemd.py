@@ -88,7 +88,7 @@ def machine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Machine]
     pids = " -> ".join(map(str, booted.main_pids)) or "-"
     REPORT.append(
         f"{request.node.name} ({booted_version}): MainPID {pids}; "
-        f"requests {sent}, failed {failed}; systemctl stop took {stops}"
+        f"load requests {sent}, failed {failed}; systemctl stop took {stops}"
     )
 
 
