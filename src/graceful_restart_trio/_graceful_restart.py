@@ -162,7 +162,6 @@ class GracefulRestart:
     _watchdog_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _shutdown_requests: int = 0
     _successor: Successor | None = None
-    _served: bool = False
     _pid: int = attrs.field(factory=os.getpid)
 
     # -- what the application asks -------------------------------------------------------
@@ -398,7 +397,6 @@ class GracefulRestart:
         """
         if self.state is not State.STARTING:
             return
-        self._served = True
         self._machine.advance(State.SERVING)
         self._log.info("serving (generation %d)", self.generation)
         if self._inheritance is None:
@@ -619,8 +617,8 @@ class GracefulRestart:
         self._nursery.start_soon(self._drain)
 
     def _say_goodbye(self) -> None:
-        if self._served:  # one that never served must not remove the server's files
-            self._listeners.unlink_unix_paths()
+        """The last words of the process in charge (one that never was, says none)."""
+        self._listeners.unlink_unix_paths()
         self._notify(
             STOPPING=1,
             STATUS=f"draining {self._leases.count} lease(s)",
