@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 
-The predecessor starts the successor with these file descriptors (see ``_spawn``):
+The predecessor starts the successor (through the launcher, see ``_successor``) with
+these file descriptors:
 
 * fd 3: its end of a private ``AF_UNIX`` stream socket pair, the *channel*;
 * fd 4: a pidfd naming the predecessor (or the keeper), so that the successor can wait
