@@ -37,8 +37,9 @@ ECHO_RESTARTS = 5
 DRAINED_WITHIN = 15.0
 """Seconds an old generation may take to exit once it stopped accepting. Its slowest
 request takes 1 s: far more than that means its drain is stuck (until drain_timeout)."""
-CAP = 50_000
-"""Requests per load client at most: far more than a run makes, a bound if one runs away."""
+CAP = 500_000
+"""Requests per load client at most: far more than a run makes (a keep-alive client
+can pass 50,000 across the twenty restarts and their probations), a bound if one runs away."""
 
 
 def reached(tail: LogTail, count: int) -> bool:
