@@ -35,23 +35,27 @@ def service(
     directory: Path,
     *,
     extra: str = "",
-    command: str | None = None,
+    keeper: str | None = None,
     kind: str = "notify",
     options: str = "",
     kill: str = "KillMode=mixed\nExitType=cgroup",
 ) -> str:
-    """The unit of docs/deploy.md, running the test server on ``port``."""
-    server = f"{sys.executable} {SERVER}"
-    start = command or (
-        f"{server} --port {port} --pid-file {directory}/app.pid "
+    """The unit of docs/deploy.md, running the test server on ``port``.
+
+    ``keeper``: run it under the keeper, with these keeper options.
+    """
+    command = (
+        f"{sys.executable} {SERVER} --port {port} --pid-file {directory}/app.pid "
         f"--deploy-file {directory}/deploy --drain-timeout 20 --probation 0.5 {options}"
     )
+    if keeper is not None:
+        command = f"{sys.executable} -m graceful_restart_trio.keeper {keeper} -- {command}"
     return f"""[Unit]
 DefaultDependencies=no
 
 [Service]
 Type={kind}
-ExecStart={start}
+ExecStart={command}
 ExecReload=/bin/kill -HUP $MAINPID
 NotifyAccess=main
 {kill}
@@ -275,13 +279,7 @@ def answered_by_other(port: int, pid: int) -> bool:
 
 def test_the_keeper_unit_reloads_and_stops_cleanly(machine: Machine, tmp_path: Path) -> None:
     """The keeper as the unit's main process: reloads keep MainPID, stop drains."""
-    port = free_port()
-    keeper = f"{sys.executable} -m graceful_restart_trio.keeper --probation 0.5 --"
-    app = f"{sys.executable} {SERVER} --port {port} --pid-file {tmp_path}/app.pid"
-    machine.write_unit(UNIT, service(port, tmp_path, command=f"{keeper} {app}"))
-    machine.systemctl("daemon-reload")
-    machine.systemctl("start", UNIT)
-    wait_until(partial(answers, port), "the service to answer")
+    port = start(machine, tmp_path, keeper="--probation 0.5")
     main = machine.main_pid(UNIT)
     sleeps = LogTail(tmp_path / "app.log", "request /sleep started")
     traffic = load(port)
@@ -413,14 +411,9 @@ def test_the_keeper_keeps_the_queue_across_systemctl_restart(
     machine: Machine, tmp_path: Path
 ) -> None:
     """The keeper with the fd store: ``systemctl restart`` under load refuses nothing."""
-    port = free_port()
-    keeper = f"{sys.executable} -m graceful_restart_trio.keeper --probation 0.5 --fd-store --"
-    app = f"{sys.executable} {SERVER} --port {port} --pid-file {tmp_path}/app.pid"
-    unit = service(port, tmp_path, command=f"{keeper} {app}", extra="FileDescriptorStoreMax=4")
-    machine.write_unit(UNIT, unit)
-    machine.systemctl("daemon-reload")
-    machine.systemctl("start", UNIT)
-    wait_until(partial(answers, port), "the service to answer")
+    port = start(
+        machine, tmp_path, keeper="--probation 0.5 --fd-store", extra="FileDescriptorStoreMax=4"
+    )
     main = machine.main_pid(UNIT)
     traffic = load(port)
     with traffic:

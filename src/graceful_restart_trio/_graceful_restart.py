@@ -55,7 +55,6 @@ from ._exceptions import (
     InheritanceError,
     RestartError,
     RestartUnavailableError,
-    SocketActivationError,
     SuccessorStartError,
     UsageError,
 )
@@ -80,7 +79,7 @@ from ._state import ACCEPTING, State, StateMachine
 from ._successor import Successor, default_command, startup_directory
 from ._systemd import (
     Notifier,
-    listen_fds,
+    listen_sockets,
     monotonic_usec,
     remove_stored_fds,
     run_watchdog,
@@ -539,16 +538,16 @@ class GracefulRestart:
         self._nursery.start_soon(self._stop_successor, successor)
 
     async def _stop_successor(self, successor: Successor) -> None:
-        with self._leases.taken():
+        try:
             if self.state is State.DRAINING:  # a shutdown abandoned the restart
                 self._log.info("asking successor %d on probation to stop", successor.pid)
                 successor.send_signal(signal.SIGTERM)
-            try:
-                await successor.wait_exit()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await successor.kill()  # whatever it left
-                successor.close()
+            await successor.wait_exit()
+        finally:
+            with trio.CancelScope(shield=True):
+                await successor.kill()  # whatever it left
+            successor.close()
+            self._leases.__exit__(None, None, None)  # the lease _retire took
 
     def shutdown(self, *, immediate: bool = False) -> None:
         """Stop accepting, drain the leases, and end the :func:`open` body.
@@ -592,17 +591,19 @@ class GracefulRestart:
             self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
         if self.keeper_pid is None and self._notifier is not None and self._watchdog is not None:
             self._nursery.start_soon(self._run_watchdog)
-        if self._restart_pending and self.state is State.SERVING:
-            self._restart_pending = False
-            self._log.info("carrying out the restart asked for during the probation")
-            self._nursery.start_soon(self._restart_quietly)
+        if self.state is State.SERVING:
+            self._restart_if_asked()
 
     def _resume_serving(self, status: str) -> None:
         self._machine.advance(State.SERVING)
         self._notify(READY=1, STATUS=f"serving: generation {self.generation}; {status}")
+        self._restart_if_asked()
+
+    def _restart_if_asked(self) -> None:
+        """Carry out a restart asked for while this process could not restart."""
         if self._restart_pending:
             self._restart_pending = False
-            self._log.info("carrying out the restart asked for during the last one")
+            self._log.info("carrying out the restart asked for meanwhile")
             self._nursery.start_soon(self._restart_quietly)
 
     def _cancel_accepting(self) -> None:
@@ -796,23 +797,6 @@ def _signal_name(sig: int) -> str:
     return signal.Signals(sig).name
 
 
-def _activated_sockets(pid: int) -> list[tuple[str, socket.socket]]:
-    """The sockets systemd passed us (socket activation, or the fd store)."""
-    inherited = listen_fds(os.environ, pid)
-    sockets = []
-    try:
-        for activated in inherited:
-            sockets.append((activated.name, socket.socket(fileno=activated.fd)))
-    except OSError as error:
-        for _, sock in sockets:
-            sock.close()
-        raise SocketActivationError(
-            f"systemd passed fd {activated.fd} ({activated.name!r}), which is not a socket: "
-            f"{error.strerror} (only ListenStream=/ListenDatagram= sockets can be served)"
-        ) from None
-    return sockets
-
-
 @asynccontextmanager
 async def _surviving(log: PrefixLog, what: str) -> AsyncIterator[None]:
     """A background task's body: an unexpected error is logged, never fatal to the server."""
@@ -881,7 +865,7 @@ async def open(
             len(inherited),
         )
     else:
-        inherited = _activated_sockets(pid)
+        inherited = listen_sockets(os.environ, pid)
     gr: GracefulRestart | None = None
     escaped: BaseException | None = None
     try:

@@ -70,7 +70,7 @@ from ._exceptions import (
 )
 from ._handover import ENV_VAR, encode, parse_ready
 from ._logging import PrefixLog
-from ._options import ready_seconds
+from ._options import probation_seconds, ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
 from ._predecessor import Serving, hand_over
 from ._signals import receive_signals
@@ -78,7 +78,7 @@ from ._state import State, StateMachine
 from ._successor import Successor, startup_directory
 from ._systemd import (
     Notifier,
-    listen_fds,
+    listen_sockets,
     monotonic_usec,
     run_watchdog,
     store_fds,
@@ -196,12 +196,6 @@ def _command_list(command: Sequence[str]) -> list[str]:
     return list(command)
 
 
-def _probation(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"probation must be 0 or a positive number of seconds, not {value!r}")
-    return float(value)
-
-
 @final
 @attrs.define(eq=False)
 class Keeper:
@@ -227,7 +221,7 @@ class Keeper:
 
     command: list[str] = attrs.field(converter=_command_list)
     ready_timeout: float = attrs.field(default=60.0, converter=ready_seconds)
-    probation: float = attrs.field(default=5.0, converter=_probation)
+    probation: float = attrs.field(default=5.0, converter=probation_seconds)
     pid_file: Path | None = None
     fd_store: bool = False
     _log: PrefixLog = attrs.field(
@@ -292,7 +286,7 @@ class Keeper:
             raise UsageError("a Keeper runs once")
         _become_subreaper()
         self._notifier = Notifier.from_environ(os.environ)  # checked before anything is made
-        self._listeners = _activated_sockets(self._pid)
+        self._listeners = listen_sockets(os.environ, self._pid)
         self._systemds = {name for name, _ in self._listeners}
         if self.pid_file is not None:
             write_pid_file(self.pid_file, self._pid)
@@ -615,28 +609,6 @@ def _check_sockets(names: list[str], fds: list[int]) -> None:
     for name, fd in zip(names, fds, strict=True):
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             raise InheritanceError(f"{name!r} (fd {fd}) is not a socket")
-
-
-def _listening_socket(fd: int) -> socket.socket:
-    """A socket systemd passed, once checked.
-
-    Raises:
-        OSError: it is not a socket.
-    """
-    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-        raise OSError(f"fd {fd} is not a socket")
-    return socket.socket(fileno=fd)
-
-
-def _activated_sockets(pid: int) -> Listeners:
-    """The sockets systemd passed the keeper: every generation gets them."""
-    sockets = []
-    for activated in listen_fds(os.environ, pid):
-        try:
-            sockets.append((activated.name, _listening_socket(activated.fd)))
-        except OSError:
-            os.close(activated.fd)
-    return sockets
 
 
 def _close_listeners(listeners: Listeners) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 from typing import final
 
@@ -67,18 +65,6 @@ class LeaseCounter:
         if not self._count and self._idle is not None:
             self._idle.set()
             self._idle = None
-
-    @contextmanager
-    def taken(self) -> Iterator[None]:
-        """Give back, when the block ends, a lease taken before it (with ``__enter__``).
-
-        For work handed to a task started later: take the lease now, so that a drain
-        beginning meanwhile waits for it.
-        """
-        try:
-            yield
-        finally:
-            self.__exit__(None, None, None)
 
     async def wait_idle(self) -> None:
         """Return once no lease is held. Any number of tasks may wait at once."""

@@ -11,7 +11,7 @@ from typing import final
 
 import attrs
 
-__all__ = ["Options", "ready_seconds"]
+__all__ = ["Options", "probation_seconds", "ready_seconds"]
 
 _UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})
 
@@ -40,7 +40,8 @@ def _signals(name: str, value: object) -> frozenset[signal.Signals]:
     return frozenset(result)
 
 
-def _probation(value: object) -> float:
+def probation_seconds(value: object) -> float:
+    """Validate a ``probation`` (also the keeper's): 0 turns it off."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"probation must be a number of seconds, not {value!r}")
     seconds = float(value)
@@ -124,7 +125,7 @@ class Options:
 
     drain_timeout: float = attrs.field(default=30.0, converter=_drain_timeout)
     ready_timeout: float = attrs.field(default=60.0, converter=ready_seconds)
-    probation: float = attrs.field(default=5.0, converter=_probation)
+    probation: float = attrs.field(default=5.0, converter=probation_seconds)
     restart_signals: frozenset[signal.Signals] = attrs.field(
         default=frozenset({signal.SIGHUP}), converter=_restart_signals
     )

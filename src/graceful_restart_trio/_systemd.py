@@ -19,6 +19,7 @@ import array
 import logging
 import os
 import socket
+import stat
 import time
 import typing
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "InheritedSocket",
     "Notifier",
     "listen_fds",
+    "listen_sockets",
     "monotonic_usec",
     "remove_stored_fds",
     "run_watchdog",
@@ -225,6 +227,23 @@ def listen_fds(environ: MutableMapping[str, str], pid: int) -> list[InheritedSoc
     if names is None:
         names = ["unknown"] * count
     return [InheritedSocket(stored_name(name), fd) for name, fd in zip(names, fds, strict=True)]
+
+
+def listen_sockets(environ: MutableMapping[str, str], pid: int) -> list[tuple[str, socket.socket]]:
+    """:func:`listen_fds`, as ``(name, socket)`` pairs: what a process can serve.
+
+    Raises:
+        SocketActivationError: as :func:`listen_fds`, or a passed fd is not a socket
+            (``ListenFIFO=``, ``ListenSpecial=``); the message names it.
+    """
+    inherited = listen_fds(environ, pid)
+    for activated in inherited:
+        if not stat.S_ISSOCK(os.fstat(activated.fd).st_mode):
+            raise SocketActivationError(
+                f"systemd passed fd {activated.fd} ({activated.name!r}), which is not a "
+                "socket (only ListenStream=/ListenDatagram= sockets can be served)"
+            )
+    return [(activated.name, socket.socket(fileno=activated.fd)) for activated in inherited]
 
 
 def _parse_fd_names(text: str | None, count: int) -> list[str] | None:

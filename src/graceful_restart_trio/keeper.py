@@ -26,6 +26,7 @@ import trio
 
 from ._exceptions import GracefulRestartError
 from ._keeper import LOGGER, Keeper, KeeperStatistics
+from ._options import probation_seconds
 
 __all__ = ["Keeper", "KeeperStatistics", "main"]
 
@@ -41,7 +42,12 @@ def _seconds(text: str) -> float:
 
 
 def _probation(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
+    try:
+        return probation_seconds(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or a positive number of seconds: {text!r}"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
