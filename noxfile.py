@@ -13,6 +13,9 @@ TEST_DEPS = [
     "pytest-timeout>=2.3",
     "hypothesis>=6",
     "trio-websocket>=0.11",
+    "httpx[http2]>=0.27",
+    "starlette>=0.40",
+    "trustme>=1.1",
 ]
 
 

@@ -1,18 +1,23 @@
-"""A hello-world HTTP/1.1 keep-alive server on trio + h11, for server_throughput.py.
+"""A hello-world HTTP/1.1 keep-alive server, for server_throughput.py.
 
-Two variants of the same connection handler:
+Two variants of the same trio + h11 connection handler:
 
 - ``plain``: ``trio.serve_listeners`` on ``trio.open_tcp_listeners``, no library at all;
 - ``leased``: under ``graceful_restart_trio.open()``, ``gr.open_tcp_listeners`` +
   ``gr.serve_listeners`` (one lease per connection) and ``async with gr.lease():`` around
   each request as well.
 
+And two of the same ASGI app on hypercorn's protocol code:
+
+- ``hypercorn``: ``hypercorn.trio.serve``, no library at all;
+- ``asgi``: under ``graceful_restart_trio.open()``, ``graceful_restart_trio.asgi.serve``.
+
 Binds port 0 on 127.0.0.1 and prints the port on stdout (one line) once listening.
 SIGTERM stops it: ``plain`` cancels at once, ``leased`` lets the library drain.
 
 Usage::
 
-    python benchmarks/_hello_server.py --variant plain|leased [--cpu N]
+    python benchmarks/_hello_server.py --variant plain|leased|hypercorn|asgi [--cpu N]
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any, cast
 
 import h11
 import trio
@@ -112,12 +119,18 @@ async def serve_plain() -> None:
 
 
 async def stop_on_sigterm(
-    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    scope: trio.CancelScope | None,
+    stopped: trio.Event | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for _ in signals:
-            scope.cancel()
+            if scope is not None:
+                scope.cancel()
+            if stopped is not None:
+                stopped.set()
             return
 
 
@@ -130,9 +143,49 @@ async def serve_leased(drain_timeout: float) -> None:
         await gr.serve_listeners(make_handler(gr.lease), listeners)
 
 
+async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:  # noqa: ANN401
+    """The ASGI app: ``hello`` with the same headers as the h11 handler."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    headers = [(name.encode(), value.encode()) for name, value in RESPONSE_HEADERS]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+async def serve_hypercorn() -> None:
+    from hypercorn.config import Config  # noqa: PLC0415 - the h11 variants must not load it
+    from hypercorn.trio import serve  # noqa: PLC0415
+
+    sock = socket.socket()
+    sock.bind((HOST, 0))
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    print(sock.getsockname()[1], flush=True)
+    stopped = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stop_on_sigterm, None, stopped)
+        await serve(cast(Any, hello_app), config, shutdown_trigger=stopped.wait)
+        nursery.cancel_scope.cancel()
+
+
+async def serve_asgi(drain_timeout: float) -> None:
+    import graceful_restart_trio as graceful_restart  # noqa: PLC0415
+    from graceful_restart_trio import asgi  # noqa: PLC0415
+
+    async with graceful_restart.open(drain_timeout=drain_timeout) as gr:
+        listeners = await gr.open_tcp_listeners(0, host=HOST)
+        announce(listeners)
+        await asgi.serve(gr, hello_app, listeners)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="hello-world HTTP server for benchmarks")
-    parser.add_argument("--variant", choices=["plain", "leased"], required=True)
+    parser.add_argument(
+        "--variant", choices=["plain", "leased", "hypercorn", "asgi"], required=True
+    )
     parser.add_argument(
         "--drain-timeout", type=float, default=2.0, help="leased: drain bound (default 2 s)"
     )
@@ -142,8 +195,12 @@ def main() -> None:
         os.sched_setaffinity(0, {args.cpu})
     if args.variant == "plain":
         trio.run(serve_plain)
-    else:
+    elif args.variant == "leased":
         trio.run(serve_leased, args.drain_timeout)
+    elif args.variant == "hypercorn":
+        trio.run(serve_hypercorn)
+    else:
+        trio.run(serve_asgi, args.drain_timeout)
     sys.stdout.flush()
 
 

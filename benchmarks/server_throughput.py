@@ -20,8 +20,9 @@ ratios. Target: >= 98 %.
 
 Usage::
 
-    python benchmarks/server_throughput.py [--rounds 8] [--duration 2] [--connections 16]
-        [--load-generator auto|wrk|python] [--fresh-servers] [--no-pin] [--json out.json]
+    python benchmarks/server_throughput.py [--pair h11|asgi] [--rounds 8] [--duration 2]
+        [--connections 16] [--load-generator auto|wrk|python] [--fresh-servers] [--no-pin]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ from _common import (
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 VARIANTS = ("plain", "leased")
+PAIRS = {
+    "h11": {"plain": "plain", "leased": "leased"},
+    "asgi": {"plain": "hypercorn", "leased": "asgi"},
+}
+"""``--pair``: the server variant (``_hello_server.py --variant``) playing each role."""
 TARGET_RATIO = 0.98
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -130,9 +136,10 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 @contextlib.contextmanager
-def running_server(variant: str, cpu: int | None) -> Iterator[Server]:
+def running_server(variant: str, cpu: int | None, pair: str) -> Iterator[Server]:
     """A fresh server of ``variant``; always stopped and reaped."""
-    command = [sys.executable, str(HERE / "_hello_server.py"), "--variant", variant]
+    server = PAIRS[pair][variant]
+    command = [sys.executable, str(HERE / "_hello_server.py"), "--variant", server]
     if cpu is not None:
         command += ["--cpu", str(cpu)]
     with tempfile.TemporaryFile() as stderr:
@@ -257,7 +264,9 @@ def measure(args: argparse.Namespace, generator: str) -> list[dict[str, object]]
         servers: dict[str, Server] = {}
         if not args.fresh_servers:
             for variant in VARIANTS:
-                servers[variant] = stack.enter_context(running_server(variant, server_cpu))
+                servers[variant] = stack.enter_context(
+                    running_server(variant, server_cpu, args.pair)
+                )
                 if args.warmup:
                     load(servers[variant].port, args.connections, args.warmup, client_cpu)
         for number in range(args.rounds):
@@ -265,7 +274,7 @@ def measure(args: argparse.Namespace, generator: str) -> list[dict[str, object]]
             record: dict[str, object] = {"round": number + 1, "order": "/".join(order)}
             for variant in order:
                 if args.fresh_servers:
-                    with running_server(variant, server_cpu) as server:
+                    with running_server(variant, server_cpu, args.pair) as server:
                         if args.warmup:
                             load(server.port, args.connections, args.warmup, client_cpu)
                         measured = timed_load(server, load, args, client_cpu)
@@ -422,6 +431,13 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="pin the server and the load generator to two different CPUs (default: on)",
+    )
+    parser.add_argument(
+        "--pair",
+        choices=sorted(PAIRS),
+        default="h11",
+        help="h11: the trio + h11 handler, plain vs leased; asgi: the same ASGI app on "
+        "hypercorn.trio.serve (as 'plain') vs graceful_restart_trio.asgi.serve (as 'leased')",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()

@@ -18,6 +18,7 @@ import datetime
 import http.client
 import os
 import socket
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 import attrs
+import httpx
 
 CLIENT_TIMEOUT = 10.0
 """Socket timeout of every client operation: a hang is a failure, not a stuck test."""
@@ -139,6 +141,40 @@ class HttpKeepAlive(Client):
 
     def reset(self) -> None:
         self.connection.close()
+
+
+class Httpx(Client):
+    """``GET path`` with one httpx client (HTTP/2 when ``http2``: h2c, or h2 over TLS).
+
+    httpx is used as it is: no retry is added.
+    """
+
+    http2 = True
+    path = "/"
+    base = "http"
+    verify: ssl.SSLContext | bool = True
+
+    def __init__(self, name: str, port: int, stop: threading.Event, cap: int) -> None:
+        super().__init__(name, port, stop, cap)
+        self.client: httpx.Client | None = None
+        self.versions: Counter[str] = Counter()
+
+    def once(self) -> int:
+        if self.client is None:
+            self.client = httpx.Client(
+                http1=not self.http2, http2=self.http2, timeout=CLIENT_TIMEOUT, verify=self.verify
+            )
+        response = self.client.get(f"{self.base}://127.0.0.1:{self.port}{self.path}")
+        body = response.text
+        if response.status_code != 200 or not body.startswith("hello from pid "):
+            raise AssertionError(f"unexpected answer: {response.status_code} {body!r}")
+        self.versions[response.http_version] += 1
+        return int(body.split()[-1])
+
+    def reset(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
 
 def echo(sock: socket.socket) -> int:

@@ -165,7 +165,6 @@ async def test_shutdown_waits_for_leases_then_ends_the_body(
             await trio.sleep(1)
             gr.shutdown()
             assert gr.state is State.DRAINING
-            await trio.sleep_forever()  # cancelled once both leases are released
     assert finished == [3, 5]
     assert trio.current_time() == pytest.approx(5)
 
@@ -203,8 +202,32 @@ async def test_lease_taken_after_draining_began_is_counted(
         gr.shutdown()
         async with gr.lease():
             await trio.sleep(4)
-        await trio.sleep_forever()
     assert trio.current_time() == pytest.approx(4)
+
+
+async def test_cleanup_after_serving_runs_to_completion(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The drain waits for the body to return: its cleanup (awaits included) completes."""
+    cleaned = []
+    async with graceful_restart.open(drain_timeout=10) as gr:
+        gr.ready()
+        gr.shutdown()
+        await trio.sleep(3)  # closing a database pool, flushing metrics...
+        cleaned.append(trio.current_time())
+    assert cleaned == [pytest.approx(3)]
+
+
+async def test_a_body_that_never_returns_is_cancelled_at_the_deadline(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body still running at drain_timeout is cancelled, and the log says so."""
+    async with graceful_restart.open(drain_timeout=7) as gr:
+        gr.ready()
+        gr.shutdown()
+        await trio.sleep_forever()
+    assert trio.current_time() == pytest.approx(7)
+    assert "cancelling 0 lease(s) and the open() body" in caplog.text
 
 
 async def test_immediate_shutdown_cancels_at_once(
@@ -259,17 +282,22 @@ async def test_serve_listeners_serves_under_leases_until_shutdown() -> None:
     async with graceful_restart.open() as gr, trio.open_nursery() as nursery:
         listeners = await gr.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
-        nursery.start_soon(gr.serve_listeners, handler, listeners)
-        while gr.state is not State.SERVING:  # noqa: ASYNC110 - no event: poll the state
-            await trio.sleep(0.001)
+        served = trio.Event()
+
+        async def serve() -> None:
+            await gr.serve_listeners(handler, listeners)
+            served.set()
+
+        nursery.start_soon(serve)
+        await gr.state_value.wait_value(State.SERVING)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             await stream.send_all(b"hi")
             assert await stream.receive_some(100) == b"hi"
         gr.shutdown()
+        await served.wait()
         with pytest.raises(OSError):  # noqa: PT011 - refused: the listener is closed
             await trio.open_tcp_stream("127.0.0.1", port)
-        await trio.sleep_forever()
     assert seen == [2]  # the server's own lease and this connection's
 
 

@@ -28,8 +28,8 @@ async def start_example(start_server: StartServer, *args: str) -> tuple[Server, 
 
 
 @contextlib.asynccontextmanager
-async def open_websocket(port: int) -> AsyncIterator[WebSocketConnection]:
-    """A websocket to ``ws://127.0.0.1:PORT/``, on a TCP stream closed on the way out.
+async def open_websocket(port: int, path: str = "/") -> AsyncIterator[WebSocketConnection]:
+    """A websocket to ``ws://127.0.0.1:PORT/path``, on a TCP stream closed on the way out.
 
     Not ``open_websocket_url``: in trio-websocket 0.12 a client whose server closes first
     never closes its socket (``aclose()`` returns early), which is a ResourceWarning.
@@ -38,7 +38,7 @@ async def open_websocket(port: int) -> AsyncIterator[WebSocketConnection]:
         await trio.open_tcp_stream("127.0.0.1", port) as stream,
         trio.open_nursery() as nursery,
     ):
-        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/")
+        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", path)
         try:
             yield ws
         finally:

@@ -36,6 +36,7 @@ from ._graceful_restart import open as open
 from ._leases import LeaseCounter as LeaseCounter
 from ._options import Options as Options
 from ._signals import ignore_sighup as _ignore_sighup
+from ._state import ACCEPTING as ACCEPTING
 from ._state import State as State
 
 __version__ = "0.2.0"

@@ -23,9 +23,10 @@ steps the keeper plays too):
    nearest subreaper); systemd hears ``MAINPID=`` with ``READY=1``; the successor hears
    ``main`` and takes charge (pid file, watchdog, its own restarts); this process closes
    its sockets;
-6. drain: the leases, under ``drain_timeout``, and the predecessor if this process
-   served and has one;
-7. exit: the body is cancelled, :func:`open` returns.
+6. drain: the leases, the predecessor if this process served and has one, and the
+   ``open()`` body's return (its cleanup after serving, an ASGI lifespan shutdown),
+   all under ``drain_timeout``;
+7. exit: what is left is cancelled, :func:`open` returns.
 
 A shutdown is steps 6 and 7 alone, plus the goodbyes only the process in charge may say:
 ``STOPPING=1`` to systemd, removing the pid file and the unix socket files. A shutdown
@@ -38,6 +39,7 @@ Every step re-checks the state after each ``await``: a shutdown may come at any 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -49,6 +51,7 @@ from typing import Any, final
 
 import attrs
 import trio
+from trio_util import AsyncValue
 
 from ._accepting import accept_forever
 from ._exceptions import (
@@ -136,8 +139,9 @@ class GracefulRestart:
             await gr.serve_listeners(handler, listeners)
 
     ``SIGHUP`` restarts (see :meth:`restart`), ``SIGTERM`` and ``SIGINT`` shut down (see
-    :meth:`shutdown`). The body of the ``async with`` ends by cancellation once the drain
-    is over; :func:`open` absorbs that cancellation and returns normally.
+    :meth:`shutdown`). The drain waits for the leases and for the body of the
+    ``async with`` to return; at ``drain_timeout`` what is left is cancelled, and
+    :func:`open` absorbs that cancellation and returns normally.
     """
 
     _options: Options
@@ -151,10 +155,14 @@ class GracefulRestart:
     _leases: LeaseCounter = attrs.field(factory=LeaseCounter)
     _accept_scopes: set[trio.CancelScope] = attrs.field(factory=set)
     _draining: trio.Event = attrs.field(factory=trio.Event)
+    _body_done: trio.Event = attrs.field(factory=trio.Event)
     _in_charge: trio.Event = attrs.field(factory=trio.Event)
     """Set once this process is the one in charge: a first start once ready, a successor
     once its predecessor committed the handover (or is gone). Only then does it speak to
     systemd, write the pid file, say goodbyes, or restart."""
+    _handed_over: bool = False
+    """Set once this process handed the service to a successor: from then on it says no
+    goodbye, and leaves the pid file (which the successor rewrites) alone."""
     _predecessor_exited: trio.Event = attrs.field(factory=trio.Event)
     _restart_scope: trio.CancelScope | None = None
     _restart_pending: bool = False
@@ -169,6 +177,16 @@ class GracefulRestart:
     def state(self) -> State:
         """Where this process is in its life (see :class:`State`)."""
         return self._machine.state
+
+    @property
+    def state_value(self) -> AsyncValue:
+        """The state as a :class:`trio_util.AsyncValue`, to wait for a change of it.
+
+        For example, a readiness endpoint that says 503 the moment accepting stops::
+
+            await gr.state_value.wait_value(lambda state: state not in ACCEPTING)
+        """
+        return self._machine.value
 
     @property
     def options(self) -> Options:
@@ -245,6 +263,11 @@ class GracefulRestart:
         process accepts again, False once it stopped accepting for good.
         """
         return await self._machine.wait_leaving(State.PROBATION) in ACCEPTING
+
+    @property
+    def draining(self) -> bool:
+        """True once this process has stopped accepting for good (see :meth:`wait_draining`)."""
+        return self._draining.is_set()
 
     async def wait_draining(self) -> None:
         """Return once this process has stopped accepting for good (shutdown or handover).
@@ -526,6 +549,7 @@ class GracefulRestart:
         with contextlib.suppress(OSError):  # it died already: systemd's problem now
             os.write(successor.channel.fileno(), MAIN)
         self._log.info("handed over to successor %d", successor.pid)
+        self._handed_over = True
         self._watchdog_scope.cancel()
         self._stop_accepting()
         if self._restart_pending:
@@ -632,17 +656,31 @@ class GracefulRestart:
             self._leases.count,
             self._options.drain_timeout,
         )
+        leases_released = None
         with trio.move_on_after(self._options.drain_timeout) as deadline:
             await self._leases.wait_idle()
-            if self._in_charge.is_set() and self.predecessor_pid and self.keeper_pid is None:
+            leases_released = trio.current_time()
+            if (
+                self._in_charge.is_set()
+                and self.predecessor_pid
+                and self.keeper_pid is None
+                and not self._predecessor_exited.is_set()
+            ):
                 # Exit after it, so that a service manager that kills whatever is left
                 # when the main process exits does not cut its drain short.
                 self._log.info("waiting for predecessor %s to finish", self.predecessor_pid)
                 await self.wait_predecessor()
+            await self._body_done.wait()  # its cleanup (a lifespan shutdown, say) completes
         if deadline.cancelled_caught:
-            self._log.warning("drain deadline passed: cancelling %d lease(s)", self._leases.count)
+            self._log.warning(
+                "drain deadline passed: cancelling %d lease(s)%s",
+                self._leases.count,
+                "" if self._body_done.is_set() else " and the open() body",
+            )
         else:
-            self._log.info("drained")
+            assert leases_released is not None
+            after = (trio.current_time() - leases_released) * 1000
+            self._log.info("drained (%.0f ms after the last lease was released)", after)
         self._nursery.cancel_scope.cancel()
 
     async def _follow_channel(self) -> None:
@@ -689,6 +727,7 @@ class GracefulRestart:
             self._machine.advance(State.SERVING)
         elif command == "drain" and self.state in (State.SERVING, State.PROBATION):
             self._log.info("the keeper handed over to %s", argument)
+            self._handed_over = True
             self._machine.advance(State.DRAINING)
             self._stop_accepting()
 
@@ -764,8 +803,10 @@ class GracefulRestart:
             self._machine.advance(State.DRAINING)
         self._machine.advance(State.STOPPED)
         self._listeners.close()
-        if self._in_charge.is_set() and self._options.pid_file is not None:
-            remove_pid_file(self._options.pid_file, self._pid)  # only if it still names us
+        if self._in_charge.is_set() and not self._handed_over and self._options.pid_file:
+            # Never after a handover: the successor rewrites the file at about this time,
+            # and a check-then-unlink here could remove its new file.
+            remove_pid_file(self._options.pid_file, self._pid)
         if self._successor is not None:
             self._successor.close()
         if self._inheritance is not None:
@@ -818,10 +859,13 @@ async def open(
 
     An async context manager yielding a :class:`GracefulRestart`. It must run in the
     main thread (it handles signals), once at a time. Its body runs inside a nursery the
-    library owns, next to the signal task; the body ends, by cancellation, once a
-    shutdown or a handover has drained, and :func:`open` then returns normally. If the
-    body ends by itself the same shutdown runs first; if it raises, the exception
-    propagates unchanged (its cause and context intact).
+    library owns, next to the signal task. Once a shutdown or a handover begins, the
+    drain waits for the leases and for the body to return (the helpers that serve return
+    once accepting stops and their connections are done, so cleanup written after them
+    runs); at ``drain_timeout``, or on a second shutdown signal, what is left is
+    cancelled, and :func:`open` returns normally. If the body returns first the same
+    shutdown runs; if it raises, the exception propagates unchanged (its cause and
+    context intact).
 
     Args:
         **options: see :class:`Options` (``drain_timeout``, ``ready_timeout``,
@@ -889,6 +933,7 @@ async def open(
             try:
                 yield gr
             finally:
+                gr._body_done.set()
                 gr.shutdown()
     except BaseExceptionGroup as group:
         escaped = _unwrap(group)
@@ -902,6 +947,10 @@ async def open(
             _close_unused(inherited, inheritance, notifier)
     if escaped is not None:
         raise escaped  # outside the handler: its __cause__ and __context__ stay its own
+    # The process is about to exit: spare it the interpreter's last full garbage
+    # collection, which under load took longer than the whole drain (benchmarks/
+    # http_restarts.py). Objects made from now on are collected as usual.
+    gc.freeze()
 
 
 def _close_unused(

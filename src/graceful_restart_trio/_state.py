@@ -37,7 +37,7 @@ import enum
 from typing import final
 
 import attrs
-import trio
+from trio_util import AsyncValue
 
 from ._exceptions import UsageError
 
@@ -71,13 +71,24 @@ ACCEPTING = frozenset({State.STARTING, State.SERVING, State.RESTARTING})
 """The states in which a process accepts new connections."""
 
 
+def _async_value(state: State) -> AsyncValue:
+    return AsyncValue(state)
+
+
 @final
 @attrs.define(eq=False)
 class StateMachine:
-    """Holds the current :class:`State` and refuses transitions not in the table."""
+    """Holds the current :class:`State` and refuses transitions not in the table.
 
-    state: State = State.STARTING
-    _changed: trio.Event = attrs.field(factory=trio.Event)
+    ``value`` is a :class:`trio_util.AsyncValue`, so that anyone may wait for a state.
+    """
+
+    value: AsyncValue = attrs.field(default=State.STARTING, converter=_async_value)
+
+    @property
+    def state(self) -> State:
+        state: State = self.value.value
+        return state
 
     def advance(self, new: State) -> State:
         """Move to ``new`` and return the state we left.
@@ -88,13 +99,10 @@ class StateMachine:
         old = self.state
         if new not in TRANSITIONS[old]:
             raise UsageError(f"illegal state transition {old.value} -> {new.value}")
-        self.state = new
-        self._changed.set()
-        self._changed = trio.Event()
+        self.value.value = new
         return old
 
     async def wait_leaving(self, state: State) -> State:
         """Return the new state once the machine is no longer in ``state``."""
-        while self.state is state:
-            await self._changed.wait()
-        return self.state
+        new: State = await self.value.wait_value(lambda current: current is not state)
+        return new
