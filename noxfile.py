@@ -1,6 +1,9 @@
-"""Developer tasks. ``python -m pip install nox && python -m nox -s tests`` runs the suite."""
+"""Developer tasks, run through ``python3 dev.py SESSION`` (or ``nox -s SESSION``)."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import nox
 
@@ -16,6 +19,7 @@ TEST_DEPS = [
     "httpx[http2]>=0.27",
     "starlette>=0.40",
     "trustme>=1.1",
+    "prometheus-client>=0.17",
 ]
 
 
@@ -66,9 +70,20 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
+def package(session: nox.Session) -> None:
+    """Build the sdist and the wheel into dist/, and check them with twine."""
+    session.install("build", "twine")
+    dist = Path("dist")
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    session.run("twine", "check", "--strict", *sorted(str(path) for path in dist.iterdir()))
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (ratios against baselines measured in the same run)."""
-    session.install("-e", ".[hypercorn]", "h11")
+    session.install("-e", ".[hypercorn]", "h11", "httpx[http2]", "starlette")
     scripts = ["lease_micro", "import_time", "server_throughput", "restart_under_load"]
-    for script in [*scripts, "probation_cost"]:
+    for script in [*scripts, "probation_cost", "http_restarts"]:
         session.run("python", f"benchmarks/{script}.py", *session.posargs)
+    session.run("python", "benchmarks/server_throughput.py", "--pair", "asgi", *session.posargs)

@@ -38,13 +38,16 @@ Every step re-checks the state after each ``await``: a shutdown may come at any 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, final
@@ -54,6 +57,7 @@ import trio
 from trio_util import AsyncValue
 
 from ._accepting import accept_forever
+from ._control import serve as serve_control
 from ._exceptions import (
     InheritanceError,
     RestartError,
@@ -89,6 +93,7 @@ from ._systemd import (
     store_fds,
     watchdog_interval,
 )
+from ._timeline import Timeline
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -170,6 +175,14 @@ class GracefulRestart:
     _shutdown_requests: int = 0
     _successor: Successor | None = None
     _pid: int = attrs.field(factory=os.getpid)
+    _started_at: float = attrs.field(factory=time.time)
+    _control: trio.SocketListener | None = None
+    _control_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _timeline: Timeline | None = None
+    """The restart under way, if any."""
+    _last_restart: dict[str, Any] | None = None
+    _restarts: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Restarts by outcome, this process's and its predecessors' (handed on at commit)."""
 
     # -- what the application asks -------------------------------------------------------
 
@@ -450,6 +463,21 @@ class GracefulRestart:
 
         In every error case this process keeps serving (unless it is shutting down).
         """
+        return await self._restart(Timeline("call"))
+
+    async def _restart(self, timeline: Timeline) -> int:
+        """:meth:`restart`, marking each phase on ``timeline``, and ending it either way."""
+        try:
+            return await self._restart_story(timeline)
+        except RestartUnavailableError as error:
+            timeline.finish("refused", str(error))
+            raise
+        except BaseException as error:
+            timeline.finish("failed", str(error) or "abandoned")
+            self._record(timeline)
+            raise
+
+    async def _restart_story(self, timeline: Timeline) -> int:
         if self.keeper_pid is not None:
             raise RestartUnavailableError(
                 f"this process runs under a keeper (pid {self.keeper_pid}): "
@@ -462,6 +490,7 @@ class GracefulRestart:
                 f"predecessor {self.predecessor_pid} has not handed over yet (probation)"
             )
         self._machine.advance(State.RESTARTING)
+        self._timeline = timeline
         self._log.info("restart requested: starting a successor")
         self._notify(
             RELOADING=1,
@@ -470,7 +499,7 @@ class GracefulRestart:
             EXTEND_TIMEOUT_USEC=_usec(self._options.ready_timeout + self._options.probation),
         )
         try:
-            return (await self._hand_over()).pid
+            return (await self._hand_over(timeline)).pid
         except RestartError as error:
             if self._machine.state is State.RESTARTING:
                 self._log.error("restart failed, still serving: %s", error)
@@ -482,8 +511,9 @@ class GracefulRestart:
             raise
         finally:
             self._restart_scope = None
+            self._timeline = None
 
-    async def _hand_over(self) -> Successor:
+    async def _hand_over(self, timeline: Timeline) -> Successor:
         handover = self._listeners.handover()
         # The watchdog goes to the successor only if it was ours; it will be main.
         dropped = _ACTIVATION + (_WATCHDOG if self._watchdog is None else ("WATCHDOG_PID",))
@@ -512,6 +542,7 @@ class GracefulRestart:
                     probation=self._options.probation,
                     log=self._log,
                     accept_ready=_plain_ready,
+                    timeline=timeline,
                 )
                 return successor
         finally:
@@ -546,8 +577,13 @@ class GracefulRestart:
             READY=1,
             STATUS=f"serving: generation {self.generation + 1} (pid {successor.pid})",
         )
+        if self._timeline is not None:
+            self._timeline.mark("draining", leases=self._leases.count)
+            self._timeline.finish("committed")
+            self._record(self._timeline)
+        history = {"last_restart": self._last_restart, "restarts": dict(self._restarts)}
         with contextlib.suppress(OSError):  # it died already: systemd's problem now
-            os.write(successor.channel.fileno(), MAIN)
+            os.write(successor.channel.fileno(), MAIN.rstrip() + b" " + _json(history) + b"\n")
         self._log.info("handed over to successor %d", successor.pid)
         self._handed_over = True
         self._watchdog_scope.cancel()
@@ -615,6 +651,8 @@ class GracefulRestart:
             self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
         if self.keeper_pid is None and self._notifier is not None and self._watchdog is not None:
             self._nursery.start_soon(self._run_watchdog)
+        if self._control is not None:
+            self._nursery.start_soon(self._serve_control)
         if self.state is State.SERVING:
             self._restart_if_asked()
 
@@ -637,6 +675,7 @@ class GracefulRestart:
     def _stop_accepting(self) -> None:
         """For good: close the sockets (the successor, if any, holds its own) and drain."""
         self._draining.set()
+        self._control_scope.cancel()
         self._cancel_accepting()
         self._listeners.close()
         self._nursery.start_soon(self._drain)
@@ -715,6 +754,7 @@ class GracefulRestart:
         command, _, argument = line.partition(" ")
         if command == "main" and self.state is not State.STOPPED:
             self._log.info("handed the service: in charge")
+            self._inherit_history(argument)
             self._take_charge()
         elif command == "pause" and self.state is State.SERVING:
             self._machine.advance(State.PROBATION)
@@ -735,6 +775,9 @@ class GracefulRestart:
         """Set :attr:`_predecessor_exited` when it exits (at once if there is none)."""
         if self._inheritance is not None and self.keeper_pid is None:
             await trio.lowlevel.wait_readable(self._inheritance.pidfd)
+            if self._last_restart is not None:
+                since = time.time() - self._last_restart.get("requested_at", time.time())
+                self._last_restart["phases"]["old copy exited"] = round(since * 1000)
         self._predecessor_exited.set()
 
     async def _run_watchdog(self) -> None:
@@ -763,9 +806,9 @@ class GracefulRestart:
         else:
             self._log.info("%s ignored: %s", _signal_name(sig), self.state.value)
 
-    async def _restart_quietly(self) -> None:
+    async def _restart_quietly(self, timeline: Timeline | None = None) -> None:
         try:
-            await self.restart()
+            await self._restart(timeline or Timeline("SIGHUP"))
         except RestartUnavailableError as error:
             self._log.info("restart signal ignored: %s", error)
         except RestartError:
@@ -776,6 +819,76 @@ class GracefulRestart:
         again = self._shutdown_requests > 1
         self._log.info("%s received%s", _signal_name(sig), " again" if again else "")
         self.shutdown(immediate=again)
+
+    # -- the control socket (see _control) -----------------------------------------------
+
+    def control_status(self) -> dict[str, Any]:
+        """What ``graceful-restart status`` shows (see ``_control``)."""
+        predecessor = self.predecessor_pid
+        return {
+            "pid": self._pid,
+            "main_pid": self._pid,  # what a stop waits for
+            "state": self.state.value,
+            "generation": self.generation,
+            "in_charge": self._in_charge.is_set(),
+            "uptime_s": round(time.time() - self._started_at, 3),
+            "leases": self._leases.count,
+            "keeper": self.keeper_pid,
+            "successor": self._successor.pid if self._successor else None,
+            "draining": (
+                [{"pid": predecessor, "role": "predecessor"}]
+                if predecessor and not self._predecessor_exited.is_set()
+                else []
+            ),
+            "listeners": self._listeners.describe(),
+            "restarts": dict(self._restarts),
+            "last_restart": self._last_restart,
+        }
+
+    async def _serve_control(self) -> None:
+        assert self._control is not None
+        with self._control_scope:
+            async with _surviving(self._log, "the control socket"):
+                await serve_control(self._control, self, self._log, self._nursery)
+
+    def control_restart(self, timeline: Timeline) -> float:
+        """For the control socket: start a restart marked on ``timeline``."""
+        self._nursery.start_soon(self._restart_quietly, timeline)
+        return self._options.ready_timeout + self._options.probation + EXIT_GRACE
+
+    def control_stop(self, immediate: bool) -> None:
+        """For the control socket: a graceful shutdown."""
+        self.shutdown(immediate=immediate)
+
+    def _open_control(self) -> None:
+        path = self._options.control
+        if path is None:
+            return
+        if self.keeper_pid is not None:
+            self._log.info("control socket %s: the keeper %d has its own", path, self.keeper_pid)
+            return
+        sock = self._listeners.unix(str(path), 0o600, None, _CONTROL)
+        self._control = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self._log.info("control socket at %s", path)
+
+    def _record(self, timeline: Timeline) -> None:
+        assert timeline.outcome is not None
+        self._restarts[timeline.outcome] += 1
+        self._last_restart = timeline.as_dict()
+
+    def _inherit_history(self, argument: str) -> None:
+        """The restart record and counts the predecessor handed on with ``main``."""
+        if not argument:  # the keeper keeps its own
+            return
+        try:
+            history = json.loads(argument)
+            restarts = {str(k): int(v) for k, v in history["restarts"].items()}
+            last = history["last_restart"]
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            self._log.warning("the predecessor's restart history is unreadable: %r", error)
+            return
+        self._restarts.update(restarts)
+        self._last_restart = last if isinstance(last, dict) else None
 
     def _notify(self, **fields: str | int) -> None:
         if self._notifier is not None:
@@ -828,6 +941,14 @@ def _plain_ready(line: bytes, fds: list[int]) -> None:
 def _address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+_CONTROL = "graceful-restart-control"
+"""The control socket's name among the listeners handed over."""
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _usec(seconds: float) -> int:
@@ -930,6 +1051,7 @@ async def open(
             handlers.update(dict.fromkeys(settings.shutdown_signals, gr._on_shutdown_signal))
             await nursery.start(receive_signals, handlers, log)
             nursery.start_soon(gr._watch_predecessor)
+            gr._open_control()
             try:
                 yield gr
             finally:

@@ -48,19 +48,22 @@ inherits, says ready with its sockets, follows ``pause``/``resume``/``drain``, a
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import final
+from typing import Any, final
 
 import attrs
 import trio
 
+from ._control import serve as serve_control
 from ._exceptions import (
     InheritanceError,
     RestartError,
@@ -69,6 +72,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._handover import ENV_VAR, encode, parse_ready
+from ._listeners import ListenerRegistry, describe_address
 from ._logging import PrefixLog
 from ._options import probation_seconds, ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
@@ -84,6 +88,7 @@ from ._systemd import (
     store_fds,
     watchdog_interval,
 )
+from ._timeline import Timeline
 
 __all__ = ["EXIT_GRACE", "Generation", "Keeper", "KeeperStatistics"]
 
@@ -217,6 +222,8 @@ class Keeper:
         fd_store: keep the listeners in systemd's file descriptor store (also done when
             systemd says the unit has one, ``$FDSTORE``), so that they outlive a
             ``systemctl restart``.
+        control: the path of the control socket the keeper serves (``graceful-restart
+            status``, ``restart``, ``stop``), or None.
     """
 
     command: list[str] = attrs.field(converter=_command_list)
@@ -224,6 +231,7 @@ class Keeper:
     probation: float = attrs.field(default=5.0, converter=probation_seconds)
     pid_file: Path | None = None
     fd_store: bool = False
+    control: Path | None = None
     _log: PrefixLog = attrs.field(
         init=False, factory=lambda: PrefixLog(logging.getLogger(LOGGER), f"[keeper {os.getpid()}]")
     )
@@ -248,6 +256,10 @@ class Keeper:
     _start_failure: int | None = attrs.field(init=False, default=None)
     _handover_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _stopped: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _started_at: float = attrs.field(init=False, factory=time.time)
+    _control: ListenerRegistry | None = attrs.field(init=False, default=None)
+    _restarts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
+    _last_restart: dict[str, Any] | None = attrs.field(init=False, default=None)
 
     @property
     def state(self) -> State:
@@ -301,6 +313,7 @@ class Keeper:
                 }
                 handlers.update(dict.fromkeys(_FORWARDED, self._on_other_signal))
                 await nursery.start(receive_signals, handlers, self._log)
+                self._open_control(nursery)
                 self._reap()
                 interval = watchdog_interval(os.environ, self._pid)
                 if self._notifier is not None and interval is not None:
@@ -318,34 +331,47 @@ class Keeper:
         return status
 
     async def _start_first(self) -> None:
-        generation = await self._hand_over(old=None)
+        generation = await self._hand_over(None, Timeline("start"))
         if generation is None:
             self._begin_stop("generation 1 never became ready")
         else:
             self._notify(READY=1, STATUS=f"serving: {generation}")
 
     def _on_restart_signal(self, sig: signal.Signals) -> None:
+        self._begin_restart(Timeline(sig.name))
+
+    def _begin_restart(self, timeline: Timeline) -> None:
+        why = timeline.trigger
         if self._machine.state in (State.RESTARTING, State.PROBATION):
-            self._log.info("%s: a restart will follow the one under way", sig.name)
+            self._log.info("%s: a restart will follow the one under way", why)
             self._restart_pending = True
+            timeline.finish("refused", "a restart is under way; another will follow it")
         elif self._machine.state is not State.SERVING:
-            self._log.info("%s ignored: %s", sig.name, self._machine.state.value)
+            self._log.info("%s ignored: %s", why, self._machine.state.value)
+            timeline.finish("refused", f"the keeper is {self._machine.state.value}")
         else:
             self._machine.advance(State.RESTARTING)  # now: a burst of signals restarts once
-            self._tasks().start_soon(self._restart_surviving)
+            self._tasks().start_soon(self._restart_surviving, timeline)
 
-    async def _restart_surviving(self) -> None:
+    async def _restart_surviving(self, timeline: Timeline) -> None:
         try:
-            await self._restart()
-        except Exception:  # a bug must not take the keeper, and the application, down
+            await self._restart(timeline)
+        except Exception as error:  # a bug must not take the keeper, and the application, down
             self._log.exception("the restart failed unexpectedly; the keeper goes on")
+            timeline.finish("failed", f"unexpected error: {error!r}")
+        if timeline.outcome in ("committed", "failed"):
+            self._restarts[timeline.outcome] += 1
+            self._last_restart = timeline.as_dict()
 
-    async def _restart(self) -> None:
+    async def _restart(self, timeline: Timeline) -> None:
         old = self._serving
         assert old is not None
         self._log.info("restart requested: %s serves, starting its successor", old)
         self._notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="restarting")
-        new = await self._hand_over(old)
+        new = await self._hand_over(old, timeline)
+        if new is not None:
+            timeline.mark("draining", generation=old.number, pid=old.pid)
+            timeline.finish("committed")
         if self.state in (State.DRAINING, State.STOPPED):
             return  # stopping: every generation was told
         if new is None:
@@ -363,7 +389,7 @@ class Keeper:
             self._log.info("carrying out the restart asked for during the last one")
             self._on_restart_signal(signal.SIGHUP)
 
-    async def _hand_over(self, old: Generation | None) -> Generation | None:
+    async def _hand_over(self, old: Generation | None, timeline: Timeline) -> Generation | None:
         """The predecessor's story for the next generation; None if it did not take over."""
         number = self._generations + 1
         self._generations = number
@@ -385,6 +411,7 @@ class Keeper:
             me = os.pidfd_open(self._pid)
         except OSError as error:
             self._log.error("generation %d: cannot open a pidfd for the keeper: %s", number, error)
+            timeline.finish("failed", f"cannot open a pidfd for the keeper: {error}")
             return None
         self._handover_scope = trio.CancelScope()
         try:
@@ -399,15 +426,18 @@ class Keeper:
                     probation=self.probation if old else 0.0,
                     log=self._log,
                     accept_ready=self._accept_ready,
+                    timeline=timeline,
                     label=f"generation {number} pid {{}}",
                 )
                 return self._took_over(listeners)
         except SuccessorStartError as error:
             self._log.error("generation %d: %s", number, error)
+            timeline.finish("failed", str(error))
             if old is None:
                 self._start_failure = 127 if "No such file" in str(error) else 126
         except RestartError as error:
             self._log.warning("generation %d: %s", number, error)
+            timeline.finish("failed", str(error))
             if old is None and isinstance(error, SuccessorExitedError):
                 self._start_failure = _exit_code(error.returncode or 0)
         finally:
@@ -416,6 +446,7 @@ class Keeper:
             if self._offered is not self._listeners:  # it did not take over: drop them
                 _close_listeners(self._offered)
             self._offered = []
+        timeline.finish("failed", f"abandoned: the keeper is {self.state.value}")  # unless done
         return None  # failed, or abandoned: a stop came
 
     def _accept_ready(self, line: bytes, fds: list[int]) -> Listeners:
@@ -575,8 +606,64 @@ class Keeper:
         if self._notifier is not None:
             self._notifier.send(fields)
 
+    # -- the control socket (see _control) -------------------------------------------------
+
+    def _open_control(self, nursery: trio.Nursery) -> None:
+        if self.control is None:
+            return
+        self._control = ListenerRegistry()
+        sock = self._control.unix(str(self.control), 0o600, None, "control")
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self._log.info("control socket at %s", self.control)
+        nursery.start_soon(self._serve_control, listener)
+
+    async def _serve_control(self, listener: trio.SocketListener) -> None:
+        try:
+            await serve_control(listener, self, self._log, self._tasks())
+        except Exception:  # a bug must not take the keeper, and the application, down
+            self._log.exception("the control socket failed; the keeper goes on without it")
+
+    def control_status(self) -> dict[str, Any]:
+        """What ``graceful-restart status`` shows (see ``_control``)."""
+        serving = self._serving if self._serving and self._serving.status is None else None
+        starting = self._new if self._new is not self._serving else None
+        return {
+            "pid": serving.pid if serving else None,
+            "main_pid": self._pid,  # what a stop waits for
+            "state": self.state.value,
+            "generation": serving.number if serving else 0,
+            "in_charge": serving is not None,
+            "uptime_s": round(time.time() - self._started_at, 3),
+            "leases": None,  # the generations count their own
+            "keeper": self._pid,
+            "successor": starting.pid if starting else None,
+            "draining": [
+                {"pid": g.pid, "role": f"generation {g.number}"}
+                for g in self._live.values()
+                if g is not serving and g is not starting
+            ],
+            "listeners": [
+                {"name": name, "address": describe_address(sock)} for name, sock in self._listeners
+            ],
+            "restarts": dict(self._restarts),
+            "last_restart": self._last_restart,
+        }
+
+    def control_restart(self, timeline: Timeline) -> float:
+        """For the control socket: start a restart marked on ``timeline``."""
+        self._begin_restart(timeline)
+        return self.ready_timeout + self.probation + 5.0
+
+    def control_stop(self, immediate: bool) -> None:
+        """For the control socket: stop as on SIGTERM (twice, when ``immediate``)."""
+        for _ in range(2 if immediate else 1):
+            self._on_stop_signal(signal.SIGTERM)
+
     def _close(self) -> None:
         """The keeper's last word: nothing of it may outlive it unsupervised."""
+        if self._control is not None:
+            self._control.close()
+            self._control.unlink_unix_paths()
         for generation in self._live.values():  # only after a bug: ask them to stop
             generation.send_signal(signal.SIGTERM)
             generation.successor.close()

@@ -213,6 +213,10 @@ class ListenerRegistry:
         """
         return [(name, sock.fileno()) for name, sock in self._owned + self._inherited]
 
+    def describe(self) -> list[dict[str, str]]:
+        """The name and address of each listener opened, for a status."""
+        return [{"name": name, "address": describe_address(sock)} for name, sock in self._owned]
+
     def socket_files(self) -> list[str]:
         """Names of the unix listeners whose socket file is ours to remove in the end."""
         return sorted(self._unix_paths)
@@ -240,6 +244,17 @@ class ListenerRegistry:
         for unix_path in self._unix_paths.values():
             unix_path.unlink()
         self._unix_paths = {}
+
+
+def describe_address(sock: socket.socket) -> str:
+    """A socket's address, as a status shows it."""
+    address = sock.getsockname()
+    if isinstance(address, bytes):  # abstract unix
+        return "@" + address[1:].decode(errors="replace")
+    if isinstance(address, str):
+        return address
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _bind_tcp(infos: Sequence[tuple[Any, ...]], backlog: int) -> list[socket.socket]:

@@ -69,12 +69,20 @@ def _shutdown_signals(value: object) -> frozenset[signal.Signals]:
     return _signals("shutdown_signals", value)
 
 
-def _pid_file(value: object) -> Path | None:
+def _path(name: str, value: object) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"pid_file must be a path or None, not {value!r}")
+        raise TypeError(f"{name} must be a path or None, not {value!r}")
     return Path(value).absolute()
+
+
+def _pid_file(value: object) -> Path | None:
+    return _path("pid_file", value)
+
+
+def _control(value: object) -> Path | None:
+    return _path("control", value)
 
 
 def _command(value: object) -> tuple[str, ...] | None:
@@ -110,6 +118,10 @@ class Options:
         shutdown_signals: signals that start a graceful shutdown; a second one cuts the
             drain short (default ``{SIGTERM, SIGINT}``).
         pid_file: a file to hold the pid of the serving process, or None.
+        control: the path of a unix socket (mode 0600) where the process in charge answers
+            ``graceful-restart status``, ``restart`` and ``stop``; handed on to every
+            successor (see :mod:`graceful_restart_trio.cli`). Under a keeper, the keeper's
+            ``--control`` is used instead. Default None: no control socket.
         command: the command line of the successor, instead of this process's own.
         logger: the name of the :mod:`logging` logger to log to.
         systemd: speak the systemd notify protocol when ``NOTIFY_SOCKET`` is set.
@@ -133,6 +145,7 @@ class Options:
         default=frozenset({signal.SIGTERM, signal.SIGINT}), converter=_shutdown_signals
     )
     pid_file: Path | None = attrs.field(default=None, converter=_pid_file)
+    control: Path | None = attrs.field(default=None, converter=_control)
     command: tuple[str, ...] | None = attrs.field(default=None, converter=_command)
     logger: str = attrs.field(default="graceful_restart_trio", converter=_logger)
     systemd: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))

@@ -48,6 +48,7 @@ from ._exceptions import (
 )
 from ._logging import PrefixLog
 from ._successor import Successor, describe_status
+from ._timeline import Timeline
 
 __all__ = ["Serving", "hand_over"]
 
@@ -85,14 +86,16 @@ async def hand_over(
     probation: float,
     log: PrefixLog,
     accept_ready: Callable[[bytes, list[int]], T],
+    timeline: Timeline,
     label: str = "successor {}",
 ) -> tuple[Successor, T]:
     """Start a successor and hand the service over to it; the story in the module docstring.
 
     ``accept_ready`` reads the ready line and the fds that came with it (they are its to
     close); what it returns is returned. If it raises :class:`InheritanceError`, the
-    successor is not ready: it is killed, and the restart fails. ``label`` names the
-    successor in the log, given its pid.
+    successor is not ready: it is killed, and the restart fails. Each phase is marked on
+    ``timeline``; the caller finishes it. ``label`` names the successor in the log,
+    given its pid.
 
     Returns:
         The successor, committed, and what ``accept_ready`` made of its ready message.
@@ -109,6 +112,7 @@ async def hand_over(
     if starting.cancelled_caught:
         raise SuccessorTimeoutError(f"the launcher did not start {command[0]!r} in time")
     log.info("%s started: %s", label.format(successor.pid), " ".join(command))
+    timeline.mark("spawned", successor=successor.pid)
     paused = False
     try:
         line, fds = await _ready(successor, deadline, ready_timeout)
@@ -124,13 +128,16 @@ async def hand_over(
             (time.monotonic() - started) * 1000,
             probation,
         )
+        timeline.mark("ready")
         serving.pause(successor)
         paused = True
+        timeline.mark("stopped accepting", probation=probation)
         try:
             await _probation(successor, probation)
         except SuccessorExitedError as error:
             serving.resume(error)
             raise
+        timeline.mark("committed")
         serving.commit(successor)
     except BaseException:
         if paused and not successor.has_exited():  # it may hold connections: let it finish

@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         "FileDescriptorStoreMax=; automatic when systemd sets $FDSTORE)",
     )
     parser.add_argument(
+        "--control",
+        type=Path,
+        metavar="PATH",
+        help="serve graceful-restart status/restart/stop on this unix socket (mode 0600)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -120,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         probation=options.probation,
         pid_file=options.pid_file,
         fd_store=options.fd_store,
+        control=options.control,
     )
     try:
         return trio.run(keeper.run)

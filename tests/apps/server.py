@@ -4,7 +4,8 @@ Like a real deployment, what a new copy does is read at start-up from a *deploy 
 (``--deploy-file``), so a test can "deploy" a bad version and then send SIGHUP:
 
 ``ok``                   serve normally
-``crash-at-import``      exit with status 3 before opening anything
+``crash-at-import``      write an import error to stderr, exit with status 3 before
+                         opening anything
 ``hang-before-ready``    open the listeners, never say ready
 ``exit-after-ready``     say ready, then exit 4 at once
 ``quit-after-ready``     serve, shut down 0.2 s later (its in-flight work drained) and
@@ -94,6 +95,7 @@ async def main(args: argparse.Namespace, behaviour: str) -> None:
         "ready_timeout": args.ready_timeout,
         "probation": args.probation,
         "fd_store": args.fd_store or None,
+        "control": args.control,
     }
     async with graceful_restart.open(**options) as gr:
         if args.unix:
@@ -182,6 +184,7 @@ if __name__ == "__main__":
     parser.add_argument("--probation", type=float, default=0.2)
     parser.add_argument("--late-port", type=int)
     parser.add_argument("--fd-store", action="store_true", help="keep listeners in the fd store")
+    parser.add_argument("--control", help="the control socket's path")
     arguments = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -191,6 +194,7 @@ if __name__ == "__main__":
     behaviour = deployed(arguments.deploy_file)
     signal.signal(signal.SIGUSR1, note_sigusr1)
     if behaviour == "crash-at-import":
+        sys.stderr.write("ModuleNotFoundError: No module named 'app.views'\n")
         sys.exit(3)
     if behaviour == "helper-then-crash":
         start_helper(arguments.deploy_file)
