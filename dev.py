@@ -26,9 +26,10 @@ PYTHON = VENV / "bin" / "python"
 
 
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - run by any python3, it says what it needs
         sys.exit(f"dev.py: Python 3.10 or newer is needed; this is {sys.version.split()[0]}")
-    sessions, extra = (argv[: argv.index("--")], argv[argv.index("--") :]) if "--" in argv else (argv, [])
+    split = argv.index("--") if "--" in argv else len(argv)
+    sessions, extra = argv[:split], argv[split:]
     if not sessions:
         sys.exit(__doc__)
     if not PYTHON.exists():
