@@ -20,6 +20,7 @@ TEST_DEPS = [
     "starlette>=0.40",
     "trustme>=1.1",
     "prometheus-client>=0.17",
+    "mypy>=1.8",  # tests/test_docs.py type-checks the documentation's code
 ]
 
 
@@ -65,7 +66,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation (Sphinx, API reference from the docstrings)."""
-    session.install("-e", ".[hypercorn]", "sphinx>=7", "myst-parser>=2")
+    session.install("-e", ".[hypercorn]", "sphinx>=7", "myst-parser>=2", "furo")
     session.run("sphinx-build", "-W", "-b", "html", "docs", "docs/_build/html")
 
 

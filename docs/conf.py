@@ -54,7 +54,7 @@ napoleon_numpy_docstring = False
 napoleon_use_ivar = True
 napoleon_attr_annotations = False  # types would name private modules (_state.State)
 
-html_theme = "alabaster"
+html_theme = "furo"
 html_title = f"graceful-restart-trio {release}"
 html_static_path: list[str] = []
 

@@ -100,7 +100,6 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--pid-file")
-    parser.add_argument("--deploy-file", help="ignored (the test harness passes it)")
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--probation", type=float, default=5.0)
     parser.add_argument("--keep-alive-timeout", type=float, default=5.0)

@@ -122,7 +122,8 @@ class Machine:
     """How long each ``systemctl stop`` took, in seconds."""
 
     def systemctl(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
-        """Run ``systemctl ARGS`` inside the namespaces; its output."""
+        """Run ``systemctl ARGS`` inside the namespaces; its output (with ``check=False``,
+        its error output too)."""
         began = time.monotonic()
         result = subprocess.run(
             ["nsenter", "-t", str(self.pid), "-m", "-p", "systemctl", "--no-pager", *args],
@@ -138,7 +139,7 @@ class Machine:
                 f"systemctl {' '.join(args)} exited {result.returncode}: "
                 f"{result.stdout}{result.stderr}\n{self.console()[-4000:]}"
             )
-        return result.stdout
+        return result.stdout if check else result.stdout + result.stderr
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         """``systemctl show`` of ``unit``: the properties asked for."""

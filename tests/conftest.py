@@ -252,8 +252,10 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         log_path = tmp_path / f"server{index}.log"
         deploy_file = tmp_path / f"server{index}.deploy"
         deploy_file.write_text(deploy)
-        argv = command or [sys.executable, str(SERVER)]
-        argv = [*argv, "--pid-file", str(pid_file), "--deploy-file", str(deploy_file), *args]
+        argv = [*(command or [sys.executable, str(SERVER)]), "--pid-file", str(pid_file)]
+        if str(SERVER) in argv:  # the test server reads what to do from a deploy file
+            argv += ["--deploy-file", str(deploy_file)]
+        argv += args
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log_path.open("wb") as log:
             process = subprocess.Popen(

@@ -39,6 +39,7 @@ def service(
     kind: str = "notify",
     options: str = "",
     kill: str = "KillMode=mixed\nExitType=cgroup",
+    reload: str = "/bin/kill -HUP $MAINPID",
 ) -> str:
     """The unit of docs/deploy.md, running the test server on ``port``.
 
@@ -56,7 +57,7 @@ DefaultDependencies=no
 [Service]
 Type={kind}
 ExecStart={command}
-ExecReload=/bin/kill -HUP $MAINPID
+ExecReload={reload}
 NotifyAccess=main
 {kill}
 TimeoutStopSec=40
@@ -215,6 +216,24 @@ def test_stop_after_reloads_drains_a_slow_request(machine: Machine, tmp_path: Pa
     assert state(machine)["Result"] == "success"
     assert took < 20, took  # the drain, not TimeoutStopSec
     assert "drained" in log(tmp_path)
+
+
+def test_exec_reload_with_the_cli_returns_the_outcome(machine: Machine, tmp_path: Path) -> None:
+    """``ExecReload=graceful-restart restart --control``: ``systemctl reload`` returns once
+    the handover committed, and fails when the restart failed (the unit serves on)."""
+    control = tmp_path / "control.sock"
+    cli = f"{sys.executable} -m graceful_restart_trio.cli restart --control {control}"
+    port = start(machine, tmp_path, options=f"--control {control}", reload=cli)
+    main = machine.main_pid(UNIT)
+    machine.systemctl("reload", UNIT)
+    assert wait_main_pid(machine, main) != main
+    main = machine.main_pid(UNIT)
+    (tmp_path / "deploy").write_text("crash-at-import")
+    output = machine.systemctl("reload", UNIT, check=False)
+    assert "failed because the control process exited with error code" in output, output
+    assert machine.main_pid(UNIT) == main
+    assert state(machine)["ActiveState"] == "active"
+    assert answers(port)
 
 
 def test_a_crash_of_the_new_main_fails_the_unit_and_restarts_it(
