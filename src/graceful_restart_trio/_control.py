@@ -115,12 +115,14 @@ async def handle_connection(
 
     async with stream:
         try:
+            # The request is read first, also from a peer that is refused: closing with
+            # unread input would reset the connection, and the refusal with it.
+            request = await _read_request(stream)
             allowed, uid = allowed_peer(stream.socket)  # type: ignore[arg-type]
             if not allowed:
                 log.warning("control: refused a peer with uid %d", uid)
                 await reply({"result": "failed", "reason": f"uid {uid} may not control this"})
                 return
-            request = await _read_request(stream)
             command = commands.get(str(request.get("command")))
             if command is None:
                 known = ", ".join(sorted(commands))

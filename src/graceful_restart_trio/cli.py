@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -191,11 +191,16 @@ def _stop(options: argparse.Namespace, out: TextIO) -> int:
         if options.immediate:
             os.kill(pid, signal.SIGTERM)  # the second shutdown signal cuts the drain short
     else:
-        pid, pidfd = 0, -1
-        for event in _ask(options.control, {"command": "stop", "immediate": options.immediate}):
-            if event.get("event") == "stopping":
-                pid, pidfd = event["pid"], os.pidfd_open(event["pid"])
-                print(f"pid {pid} stopping: draining {event['leases']} lease(s)", file=out)
+        request = {"command": "stop", "immediate": options.immediate}
+        with contextlib.closing(_ask(options.control, request, CONNECT_TIMEOUT)) as answers:
+            answer: dict[str, Any] = next(answers, {"reason": "no answer"})
+        if answer.get("event") != "stopping":
+            print(f"stop failed: {answer.get('reason')}", file=out)
+            return 1
+        pid, pidfd = answer["pid"], os.pidfd_open(answer["pid"])
+        leases = answer["leases"]
+        draining = "" if leases is None else f": draining {leases} lease(s)"
+        print(f"pid {pid} stopping{draining}", file=out)
     try:
         if not select.select([pidfd], [], [], options.timeout)[0]:
             print(f"pid {pid} still runs after {options.timeout:g}s", file=out)
@@ -209,7 +214,9 @@ def _stop(options: argparse.Namespace, out: TextIO) -> int:
 # -- talking to the server ---------------------------------------------------------------
 
 
-def _ask(path: Path, request: dict[str, Any], timeout: float = 300.0) -> Iterator[dict[str, Any]]:
+def _ask(
+    path: Path, request: dict[str, Any], timeout: float = 300.0
+) -> Generator[dict[str, Any], None, None]:
     """Send ``request`` on the control socket; yield each JSON line of the answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(CONNECT_TIMEOUT)
