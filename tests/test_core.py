@@ -230,6 +230,16 @@ async def test_a_body_that_never_returns_is_cancelled_at_the_deadline(
     assert "cancelling 0 lease(s) and the open() body" in caplog.text
 
 
+async def test_a_shutdown_before_ready_does_not_wait_for_the_body(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Still starting (nothing served): the body is cancelled as soon as the leases are."""
+    async with graceful_restart.open(drain_timeout=7) as gr:
+        gr.shutdown()
+        await trio.sleep_forever()  # stuck in its start-up, say
+    assert trio.current_time() == pytest.approx(0)
+
+
 async def test_immediate_shutdown_cancels_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

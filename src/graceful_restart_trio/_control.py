@@ -42,14 +42,14 @@ Command = Callable[[dict[str, Any], Reply], Awaitable[None]]
 class Controlled(Protocol):
     """What the process in charge (direct mode) or the keeper does for the commands."""
 
-    def control_status(self) -> dict[str, Any]:
+    def _control_status(self) -> dict[str, Any]:
         """The status: JSON values only."""
 
-    def control_restart(self, timeline: Timeline) -> float:
+    def _control_restart(self, timeline: Timeline) -> float:
         """Start a restart marked on ``timeline`` (which it finishes, refused or not);
         return the longest it may take, in seconds."""
 
-    def control_stop(self, immediate: bool) -> None:
+    def _control_stop(self, immediate: bool) -> None:
         """Begin a graceful stop (``immediate``: cut the drain short)."""
 
 
@@ -70,15 +70,15 @@ async def serve(
 
 
 async def _status(target: Controlled, reply: Reply) -> None:
-    await reply({"result": "ok", "status": target.control_status()})
+    await reply({"result": "ok", "status": target._control_status()})
 
 
 async def _restart(target: Controlled, reply: Reply) -> None:
-    status = target.control_status()
+    status = target._control_status()
     await reply({"event": "requested", "pid": status["pid"], "generation": status["generation"]})
     timeline = Timeline("control")
     events = timeline.watch()
-    longest = target.control_restart(timeline)
+    longest = target._control_restart(timeline)
     # Shielded: a drain that ends right after the commit must not cut the outcome off.
     # The timeline always finishes (a commit, a failure, or a shutdown abandons the
     # story); the deadline bounds an operator who stops reading.
@@ -92,9 +92,9 @@ async def _restart(target: Controlled, reply: Reply) -> None:
 
 
 async def _stop(target: Controlled, request: dict[str, Any], reply: Reply) -> None:
-    status = target.control_status()
+    status = target._control_status()
     await reply({"event": "stopping", "pid": status["main_pid"], "leases": status["leases"]})
-    target.control_stop(bool(request.get("immediate", False)))
+    target._control_stop(bool(request.get("immediate", False)))
     await reply({"result": "ok", "pid": status["main_pid"]})
 
 

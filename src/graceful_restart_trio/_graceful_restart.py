@@ -161,6 +161,9 @@ class GracefulRestart:
     _accept_scopes: set[trio.CancelScope] = attrs.field(factory=set)
     _draining: trio.Event = attrs.field(factory=trio.Event)
     _body_done: trio.Event = attrs.field(factory=trio.Event)
+    _served: bool = False
+    """Set once the process said ready. A shutdown before it does not wait for the body
+    (still starting: nothing was served), which is cancelled as soon as the leases are."""
     _in_charge: trio.Event = attrs.field(factory=trio.Event)
     """Set once this process is the one in charge: a first start once ready, a successor
     once its predecessor committed the handover (or is gone). Only then does it speak to
@@ -433,6 +436,7 @@ class GracefulRestart:
         if self.state is not State.STARTING:
             return
         self._machine.advance(State.SERVING)
+        self._served = True
         self._log.info("serving (generation %d)", self.generation)
         if self._inheritance is None:
             self._take_charge()
@@ -709,12 +713,13 @@ class GracefulRestart:
                 # when the main process exits does not cut its drain short.
                 self._log.info("waiting for predecessor %s to finish", self.predecessor_pid)
                 await self.wait_predecessor()
-            await self._body_done.wait()  # its cleanup (a lifespan shutdown, say) completes
+            if self._served:  # its cleanup (a lifespan shutdown, say) completes
+                await self._body_done.wait()
         if deadline.cancelled_caught:
             self._log.warning(
                 "drain deadline passed: cancelling %d lease(s)%s",
                 self._leases.count,
-                "" if self._body_done.is_set() else " and the open() body",
+                " and the open() body" if self._served and not self._body_done.is_set() else "",
             )
         else:
             assert leases_released is not None
@@ -822,7 +827,7 @@ class GracefulRestart:
 
     # -- the control socket (see _control) -----------------------------------------------
 
-    def control_status(self) -> dict[str, Any]:
+    def _control_status(self) -> dict[str, Any]:
         """What ``graceful-restart status`` shows (see ``_control``)."""
         predecessor = self.predecessor_pid
         return {
@@ -851,12 +856,12 @@ class GracefulRestart:
             async with _surviving(self._log, "the control socket"):
                 await serve_control(self._control, self, self._log, self._nursery)
 
-    def control_restart(self, timeline: Timeline) -> float:
+    def _control_restart(self, timeline: Timeline) -> float:
         """For the control socket: start a restart marked on ``timeline``."""
         self._nursery.start_soon(self._restart_quietly, timeline)
         return self._options.ready_timeout + self._options.probation + EXIT_GRACE
 
-    def control_stop(self, immediate: bool) -> None:
+    def _control_stop(self, immediate: bool) -> None:
         """For the control socket: a graceful shutdown."""
         self.shutdown(immediate=immediate)
 
@@ -983,7 +988,8 @@ async def open(
     library owns, next to the signal task. Once a shutdown or a handover begins, the
     drain waits for the leases and for the body to return (the helpers that serve return
     once accepting stops and their connections are done, so cleanup written after them
-    runs); at ``drain_timeout``, or on a second shutdown signal, what is left is
+    runs; a process that never said ready does not wait for its body); at
+    ``drain_timeout``, or on a second shutdown signal, what is left is
     cancelled, and :func:`open` returns normally. If the body returns first the same
     shutdown runs; if it raises, the exception propagates unchanged (its cause and
     context intact).

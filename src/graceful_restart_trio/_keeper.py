@@ -623,7 +623,7 @@ class Keeper:
         except Exception:  # a bug must not take the keeper, and the application, down
             self._log.exception("the control socket failed; the keeper goes on without it")
 
-    def control_status(self) -> dict[str, Any]:
+    def _control_status(self) -> dict[str, Any]:
         """What ``graceful-restart status`` shows (see ``_control``)."""
         serving = self._serving if self._serving and self._serving.status is None else None
         starting = self._new if self._new is not self._serving else None
@@ -649,12 +649,12 @@ class Keeper:
             "last_restart": self._last_restart,
         }
 
-    def control_restart(self, timeline: Timeline) -> float:
+    def _control_restart(self, timeline: Timeline) -> float:
         """For the control socket: start a restart marked on ``timeline``."""
         self._begin_restart(timeline)
         return self.ready_timeout + self.probation + 5.0
 
-    def control_stop(self, immediate: bool) -> None:
+    def _control_stop(self, immediate: bool) -> None:
         """For the control socket: stop as on SIGTERM (twice, when ``immediate``)."""
         for _ in range(2 if immediate else 1):
             self._on_stop_signal(signal.SIGTERM)
