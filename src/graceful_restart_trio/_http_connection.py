@@ -17,7 +17,7 @@ needs more than hypercorn does:
   :class:`Pacer` so that ten thousand idle clients do not all reconnect in the same
   millisecond.
 - An HTTP/2 connection gets a GOAWAY. If it is idle, one GOAWAY naming the last stream
-  the server has seen; if streams are in flight (for up to ``_H2_QUIET_WAIT``), the
+  the server has seen; if streams stay in flight for ``_H2_QUIET_WAIT`` (5 s), the
   graceful two-step of RFC 9113 §6.8: a GOAWAY with the largest stream id and a PING,
   then, once the PING is answered, the GOAWAY with the real last stream id. Streams
   opened above it are never processed (the client retries them elsewhere, as the
