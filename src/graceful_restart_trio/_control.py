@@ -22,13 +22,13 @@ import contextlib
 import json
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import trio
 
 from ._accepting import accept_forever
+from ._handover import peer_credentials
 from ._logging import PrefixLog
 from ._timeline import Timeline
 
@@ -100,8 +100,7 @@ async def _stop(target: Controlled, request: dict[str, Any], reply: Reply) -> No
 
 def allowed_peer(sock: socket.socket) -> tuple[bool, int]:
     """Whether the peer is root or our own user; and its uid."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
+    _, uid, _ = peer_credentials(sock)
     return uid in (0, os.geteuid()), uid
 
 

@@ -49,7 +49,7 @@ import json
 import os
 import socket
 import stat
-import sys
+import struct
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, final
@@ -139,6 +139,14 @@ def _optional_pid(data: dict[str, Any], key: str) -> int | None:
     return pid
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end of a unix socket."""
+    pid, uid, gid = struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    )
+    return pid, uid, gid
+
+
 def _check_peer(channel: int, pidfd: int, peer: int | None) -> None:
     """Trust the variable only if the channel and the pidfd both lead to ``peer``.
 
@@ -149,10 +157,9 @@ def _check_peer(channel: int, pidfd: int, peer: int | None) -> None:
         raise InheritanceError(f"{ENV_VAR}: names neither a predecessor nor a keeper")
     try:
         with socket.socket(fileno=os.dup(channel)) as sock:
-            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            sender, _, _ = peer_credentials(sock)
     except OSError as error:
         raise InheritanceError(f"{ENV_VAR}: fd {channel} is not a channel: {error}") from None
-    sender = int.from_bytes(credentials[:4], sys.byteorder, signed=True)
     named = _pidfd_pid(pidfd)
     if sender != peer or named != peer:
         raise InheritanceError(
