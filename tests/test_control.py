@@ -1,24 +1,34 @@
 """The control socket and ``graceful-restart``: restart, status, stop, from a shell.
 
-Every command runs the real console script (``python -m graceful_restart_trio.cli``)
-against a real server process with ``--control``.
+Every command runs the real console script (``python -m graceful_restart_trio.cli``), or a
+raw client, against a real server process with ``--control``; only a command that fails
+inside the server is simulated, in this process, by a stand-in for the server.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
+import trio
 
-from .conftest import TIMEOUT, Server, http_get, wait_until
+from graceful_restart_trio._control import MAX_CONNECTIONS, serve
+from graceful_restart_trio._logging import PrefixLog
+from graceful_restart_trio._timeline import Timeline
+
+from .conftest import TIMEOUT, Server, converse, http_get, wait_until
 from .test_keeper import start_keeper
 
 StartServer = Callable[..., Server]
@@ -198,8 +208,9 @@ def test_a_peer_with_another_uid_is_refused(start_server: StartServer) -> None:
         assert server.wait_exit(pid) in (0, None)
 
 
-def ask_as(uid: int, control: Path) -> str:
-    """Ask for the status as ``uid`` (a forked child); its answer, or its error's name."""
+def ask_as(uid: int, control: Path, request: bytes = b'{"command": "status"}\n') -> str:
+    """Send ``request`` as ``uid`` (a forked child); the answer up to the server's close, or
+    the name of the error that cut it."""
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child
@@ -209,8 +220,9 @@ def ask_as(uid: int, control: Path) -> str:
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.settimeout(TIMEOUT)
                 sock.connect(str(control))
-                sock.sendall(b'{"command": "status"}\n')
-                answer = sock.makefile("rb").readline().strip()
+                sock.sendall(request)
+                with sock.makefile("rb") as answers:
+                    answer = answers.read().strip()
         except OSError as error:
             answer = type(error).__name__.encode()
         os.write(write, answer)
@@ -220,6 +232,80 @@ def ask_as(uid: int, control: Path) -> str:
         answer_bytes = pipe.read()
     os.waitpid(child, 0)
     return answer_bytes.decode()
+
+
+def test_a_refused_peer_is_refused_before_its_request_is_read(start_server: StartServer) -> None:
+    """The peer is checked first: one that never sends a byte gets its refusal, then an EOF."""
+    with tempfile.TemporaryDirectory() as directory:
+        shared = Path(directory)
+        shared.chmod(0o755)
+        _, control, pid = start(start_server, shared)
+        control.chmod(0o666)
+        refusal = json.dumps({"result": "failed", "reason": f"uid {NOBODY} may not control this"})
+        assert ask_as(NOBODY, control, request=b"") == refusal  # not a reset: the whole answer
+        # Its request is never parsed: a line that would break the parser is not even read.
+        assert ask_as(NOBODY, control, request=b"[" * 2000 + b"\n") == refusal
+        assert status(control)["pid"] == pid
+
+
+def ask(control: Path, line: bytes) -> list[dict[str, object]]:
+    """Send ``line`` on a new control connection; every answer line up to the server's close."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(control))
+        return ask_on(sock, line)
+
+
+def ask_on(sock: socket.socket, line: bytes) -> list[dict[str, object]]:
+    """Send ``line`` on a connected control socket; every answer line up to the server's close."""
+    sock.sendall(line)
+    with sock.makefile("rb") as answers:
+        return [json.loads(answer) for answer in answers]
+
+
+def test_a_request_that_breaks_the_parser_is_a_bad_request(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """2,000 ``[`` make json.loads raise RecursionError: answered, and the server serves on."""
+    server, control, pid = start(start_server, tmp_path)
+    [answer] = ask(control, b"[" * 2000 + b"\n")
+    assert answer["result"] == "failed"
+    assert str(answer["reason"]).startswith("bad request: RecursionError("), answer
+    after = status(control)
+    assert (after["pid"], after["state"]) == (pid, "serving")
+    assert http_get(server.port) == (200, f"hello from pid {pid}\n")
+
+
+def test_connections_over_the_cap_are_refused_at_once(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """With MAX_CONNECTIONS idle connections open, one more is answered at once and closed;
+    refused ones hold no place: closing one idle connection lets ``status`` in again."""
+    _, control, pid = start(start_server, tmp_path)
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            sock = socket.socket(socket.AF_UNIX)
+            idle.append(sock)
+            sock.connect(str(control))
+        too_many = {
+            "result": "failed",
+            "reason": f"too many control connections ({MAX_CONNECTIONS})",
+        }
+        for _ in range(3):
+            assert ask(control, b"") == [too_many]  # before it sends a byte
+        idle.pop().close()
+
+        def answered() -> dict[str, object] | None:
+            [answer] = ask(control, b'{"command": "status"}\n')
+            return answer if answer["result"] == "ok" else None
+
+        served = wait_until(answered, "a place for a status request")["status"]
+        assert isinstance(served, dict)
+        assert served["pid"] == pid
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 @pytest.mark.parametrize(
@@ -239,6 +325,87 @@ def test_a_bad_request_gets_a_clear_answer(
         sock.sendall(request_line)
         answer = json.loads(sock.makefile("rb").readline())
     assert answer == {"result": "failed", "reason": reason}
+
+
+def test_a_connection_accepted_before_a_shutdown_is_answered(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """``status`` sent once the drain has begun, on a connection accepted while serving,
+    is answered with the state of that moment."""
+    server, control, pid = start(start_server, tmp_path, "--kind", "echo")
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as client,
+        socket.socket(socket.AF_UNIX) as early,
+    ):
+        assert converse(client, b"hi\n") == f"{pid} hi\n"  # a lease: the drain waits for it
+        early.settimeout(TIMEOUT)
+        early.connect(str(control))
+        # Accepted in order: once a later connection is answered, `early` is accepted too.
+        assert ask(control, b'{"command": "status"}\n')[0]["result"] == "ok"
+        server.signal(signal.SIGTERM)
+        wait_until(lambda: "stopped accepting; draining" in server.log(), "the drain")
+        [answer] = ask_on(early, b'{"command": "status"}\n')
+        assert answer["result"] == "ok", answer
+        during = answer["status"]
+        assert isinstance(during, dict)
+        # The leases: the echo server's own and its connection's.
+        assert (during["pid"], during["state"], during["leases"]) == (pid, "draining", 2)
+    assert server.wait_exit(pid) == 0
+
+
+@attrs.define
+class FailingTarget:
+    """A process in charge whose command ``failing`` raises ``error``."""
+
+    failing: str
+    error: Exception
+
+    def _control_status(self) -> dict[str, Any]:
+        if self.failing == "status":
+            raise self.error
+        return {"pid": os.getpid(), "main_pid": os.getpid(), "generation": 1, "leases": 0}
+
+    def _control_restart(self, timeline: Timeline) -> float:
+        raise NotImplementedError
+
+    def _control_stop(self, immediate: bool) -> None:
+        if self.failing == "stop":
+            raise self.error
+
+
+async def ask_async(path: Path, request: dict[str, object]) -> list[dict[str, object]]:
+    """Send ``request`` on a new control connection; every answer line up to its close."""
+    with trio.fail_after(TIMEOUT):
+        async with await trio.open_unix_socket(str(path)) as stream:
+            await stream.send_all(json.dumps(request).encode() + b"\n")
+            data = b"".join([chunk async for chunk in stream])
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [("stop", PermissionError(13, "Permission denied")), ("status", RuntimeError("a bug"))],
+)
+async def test_a_command_that_fails_is_logged_and_answered_as_an_internal_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, command: str, error: Exception
+) -> None:
+    """An error of the command (an OSError too) is not the operator going away: it is
+    logged with its traceback and answered, and the control socket serves on."""
+    path = tmp_path / "control.sock"
+    sock = trio.socket.socket(socket.AF_UNIX)
+    await sock.bind(str(path))
+    sock.listen()
+    log = PrefixLog(logging.getLogger("graceful_restart_trio"), "[test]")
+    async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
+        nursery.start_soon(serve, listener, FailingTarget(command, error), log, nursery)
+        answers = await ask_async(path, {"command": command})
+        assert answers[-1] == {"result": "failed", "reason": f"internal error: {error!r}"}
+        [failure] = [r for r in caplog.records if r.exc_info and r.exc_info[1] is error]
+        assert failure.getMessage() == f"[test] control: the {command} command failed"
+        assert await ask_async(path, {"command": "dance"}) == [
+            {"result": "failed", "reason": "unknown command 'dance' (known: restart, status, stop)"}
+        ]
+        nursery.cancel_scope.cancel()
 
 
 # -- under the keeper: the keeper owns the control socket ----------------------------------
@@ -318,3 +485,17 @@ def test_a_keeper_with_another_uid_peer_refuses_it(start_server: StartServer) ->
         assert answer == {"result": "failed", "reason": f"uid {NOBODY} may not control this"}
         assert cli("stop", "--control", str(control)).returncode == 0
         assert server.wait_exit(server.first.pid) == 0
+
+
+def test_under_the_keeper_a_request_that_breaks_the_parser_is_a_bad_request(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The keeper answers 2,000 ``[`` as a bad request and keeps the service up."""
+    server, control = start_kept(start_server, tmp_path)
+    first = server.wait_serving()
+    [answer] = ask(control, b"[" * 2000 + b"\n")
+    assert answer["result"] == "failed"
+    assert str(answer["reason"]).startswith("bad request: RecursionError("), answer
+    after = status(control)
+    assert (after["pid"], after["keeper"], after["state"]) == (first, server.first.pid, "serving")
+    assert http_get(server.port) == (200, f"hello from pid {first}\n")

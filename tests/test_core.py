@@ -507,7 +507,9 @@ async def test_shutdown_at_every_step_of_a_restart_leaves_one_story(tmp_path: Pa
                 assert gr.state is stop_at
                 gr.shutdown()
         assert gr.statistics().state is State.STOPPED
-        assert all(isinstance(error, graceful_restart.RestartError) for error in outcome)
+        assert [(type(error), str(error)) for error in outcome] == [
+            (graceful_restart.RestartError, "restart abandoned: this process is draining")
+        ], f"restart() at {stop_at} was not told the shutdown abandoned it"
         assert children() == [], f"the successor outlived a shutdown at {stop_at}"
 
 

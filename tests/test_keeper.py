@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -359,3 +360,21 @@ def test_the_keeper_is_the_systemd_main_process(
     assert kinds == ["READY", "RELOADING", "READY", "STOPPING"], received
     reloading = received[1][1]
     assert int(reloading["MONOTONIC_USEC"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("command", "status"), [("missing", 127), ("not-executable", 126)], ids=["127", "126"]
+)
+def test_a_command_that_cannot_start_exits_as_a_shell_would(
+    tmp_path: Path, command: str, status: int
+) -> None:
+    """127: not found (ENOENT, as the launcher reports it); 126: found but not runnable."""
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    keeper = subprocess.run(
+        [sys.executable, "-m", "graceful_restart_trio.keeper", "--", str(tmp_path / command)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert keeper.returncode == status, keeper.stderr

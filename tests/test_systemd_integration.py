@@ -39,6 +39,7 @@ from .conftest import (
     is_running,
     wait_until,
 )
+from .test_control import status
 
 StartServer = Callable[..., Server]
 T = TypeVar("T")
@@ -539,9 +540,10 @@ def test_watchdog_for_another_pid_sends_no_pings_after_a_restart(
     ],
 )
 def test_socket_activation_serves_the_passed_socket(
-    start_server: StartServer, how: str, deploy: str, names: str | None
+    start_server: StartServer, tmp_path: Path, how: str, deploy: str, names: str | None
 ) -> None:
     """The socket at fd 3 is served by both generations, no new bind; LISTEN_* not passed on."""
+    control = tmp_path / "control.sock"
     with systemd_listener() as sock:
         port = sock.getsockname()[1]
         env = {"LISTEN_FDS": "1"} | ({"LISTEN_FDNAMES": names} if names else {})
@@ -549,6 +551,8 @@ def test_socket_activation_serves_the_passed_socket(
         server = start_server(
             "--port",
             asked,
+            "--control",
+            str(control),
             command=activated(sock),
             deploy=deploy,
             env=env,
@@ -563,6 +567,15 @@ def test_socket_activation_serves_the_passed_socket(
         assert answering_pid(http_get(port)[1]) == old
         server.signal(signal.SIGHUP, old)
         new = server.wait_serving(other_than=old)
+        # The new copy opened again what it inherited: the passed socket, by the name the
+        # first copy gave it (no other socket can listen on that port).
+        name = "elsewhere" if how == "by-name" else f"tcp:127.0.0.1:{port}"
+        now = status(control)
+        assert now["pid"] == new
+        assert now["listeners"] == [
+            {"name": "graceful-restart-control", "address": str(control)},
+            {"name": name, "address": f"127.0.0.1:{port}"},
+        ]
         stopped = f"[pid {old}] stopped accepting"  # the pid file names the new one earlier
         wait_until(lambda: stopped in server.log(), f"{stopped}\n{server.log()}")
         assert answering_pid(http_get(port)[1]) == new
@@ -572,25 +585,34 @@ def test_socket_activation_serves_the_passed_socket(
         assert wait_gone(server, old) == 0
         server.signal(signal.SIGTERM, new)
         assert wait_gone(server, new) == 0
-        assert "was not opened again" not in server.log()
 
 
-def test_socket_activation_for_another_pid_is_ignored(start_server: StartServer) -> None:
+def test_socket_activation_for_another_pid_is_ignored(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     """LISTEN_PID naming another process: the variables are ignored; the server binds a port."""
+    control = tmp_path / "control.sock"
     with systemd_listener() as sock:
         port = sock.getsockname()[1]
         fd = sock.fileno()
         env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "elsewhere"}
         server = start_server(
+            "--control",
+            str(control),
             command=shell(f'exec "$@" 3<&{fd} {fd}<&-'),
             deploy="listen-elsewhere",
             env=env,
             pass_fds=(fd,),
         )
         pid = server.wait_serving()
+        # Its listener "elsewhere" is the one it bound, on a port of its own: the passed
+        # socket (which LISTEN_FDNAMES also calls "elsewhere") was not taken.
+        assert status(control)["listeners"] == [
+            {"name": "graceful-restart-control", "address": str(control)},
+            {"name": "elsewhere", "address": f"127.0.0.1:{server.port}"},
+        ]
         assert server.port != port
         assert answering_pid(http_get(server.port)[1]) == pid
-        assert "was not opened again" not in server.log()
         server.signal(signal.SIGTERM, pid)
         assert wait_gone(server, pid) == 0
 

@@ -6,14 +6,36 @@ Theory of operation
 The socket is a unix stream socket (mode 0600) at the path of the ``control`` option (the
 keeper's ``--control``). It is handed to every successor like a listener, so its path
 never changes, and only the process in charge accepts on it (under the keeper, the
-keeper). A peer is served only if ``SO_PEERCRED`` says it is root or runs as this
-process's user.
+keeper).
 
 One request per connection: one JSON object on one line, ``{"command": "status"}``,
 ``{"command": "restart"}`` or ``{"command": "stop", "immediate": false}``. The answer is
 JSON lines: events as they happen (``{"event": "spawned", "ms": 12, "successor": 4242}``)
 and one last line with ``"result"``: ``"ok"`` or ``"failed"``, with ``"reason"``.
 ``graceful-restart`` (:mod:`graceful_restart_trio.cli`) is the client.
+
+Each connection, in this order:
+
+1. At most :data:`MAX_CONNECTIONS` connections are served at once. One more is answered
+   ``too many control connections (8)`` at once (what it already sent is dropped, nothing
+   is waited for) and closed, holding no place: idle clients cannot use up the process's
+   file descriptors, which a restart needs.
+2. The peer is checked before anything is read: it is served only if ``SO_PEERCRED``
+   says it is root or runs as this process's user. Another uid is answered
+   ``uid N may not control this``; its input is then read and dropped until it closes,
+   for at most :data:`LINGER` seconds (holding its place), so that it gets the refusal
+   rather than a reset.
+3. The request is read: at most :data:`MAX_REQUEST` bytes within :data:`READ_TIMEOUT`
+   seconds. Anything that is not one JSON object on one line (too long, too slow,
+   not UTF-8, nested too deep for the parser, not an object) is answered
+   ``bad request: ...``.
+4. The command runs against the process's state at that moment, also once a shutdown
+   has begun.
+
+Each connection is isolated: an error of the connection itself means the operator went
+away and ends it quietly; any other error (the command's own, or a bug here) is logged
+with its traceback, answered ``internal error: ...`` while the connection still works,
+and ends that one conversation, never the serving process (or the keeper).
 """
 
 from __future__ import annotations
@@ -22,7 +44,8 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -32,11 +55,35 @@ from ._handover import peer_credentials
 from ._logging import PrefixLog
 from ._timeline import Timeline
 
-__all__ = ["MAX_REQUEST", "Controlled", "Reply", "allowed_peer", "handle_connection", "serve"]
+__all__ = [
+    "LINGER",
+    "MAX_CONNECTIONS",
+    "MAX_REQUEST",
+    "READ_TIMEOUT",
+    "Controlled",
+    "Reply",
+    "allowed_peer",
+    "handle_connection",
+    "serve",
+]
 
+MAX_CONNECTIONS = 8
+"""How many control connections are served at once; more are refused at once."""
 MAX_REQUEST = 4096
+"""The longest request line, in bytes."""
+READ_TIMEOUT = 10.0
+"""Seconds a client has to send its request line."""
+LINGER = 1.0
+"""Seconds a refused peer has to close after its refusal, before the connection is closed."""
+DISCARD_READS = 16
+"""How many reads of what a peer over the cap already sent are dropped before closing."""
+
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 Command = Callable[[dict[str, Any], Reply], Awaitable[None]]
+
+
+class _OperatorGone(Exception):  # noqa: N818 - an event, not a failure
+    """The connection itself failed: the operator went away."""
 
 
 class Controlled(Protocol):
@@ -56,7 +103,11 @@ class Controlled(Protocol):
 async def serve(
     listener: trio.SocketListener, target: Controlled, log: PrefixLog, nursery: trio.Nursery
 ) -> None:
-    """Accept operators on ``listener`` until cancelled; each in ``nursery``."""
+    """Accept operators on ``listener`` until cancelled; each in ``nursery``.
+
+    At most :data:`MAX_CONNECTIONS` are served at once (see the module docstring).
+    """
+    places = trio.CapacityLimiter(MAX_CONNECTIONS)
     commands: dict[str, Command] = {
         "status": lambda request, reply: _status(target, reply),
         "restart": lambda request, reply: _restart(target, reply),
@@ -64,7 +115,7 @@ async def serve(
     }
 
     async def connection(stream: trio.SocketStream) -> None:
-        await handle_connection(stream, commands, log)
+        await handle_connection(stream, commands, log, places)
 
     await accept_forever(listener, connection, nursery)
 
@@ -105,42 +156,110 @@ def allowed_peer(sock: socket.socket) -> tuple[bool, int]:
 
 
 async def handle_connection(
+    stream: trio.SocketStream,
+    commands: Mapping[str, Command],
+    log: PrefixLog,
+    places: trio.CapacityLimiter,
+) -> None:
+    """Serve one control connection, if one of ``places`` is free; nothing it raises leaves it.
+
+    Cancellation goes through: the connection ends with the task group it runs in.
+    """
+    try:
+        try:
+            places.acquire_nowait()
+        except trio.WouldBlock:
+            await _refuse_at_once(stream, f"too many control connections ({places.total_tokens})")
+            return
+        try:
+            await _converse(stream, commands, log)
+        finally:
+            places.release()
+    except _OperatorGone:
+        pass
+    except Exception:
+        log.exception("control: a connection failed")
+
+
+async def _converse(
     stream: trio.SocketStream, commands: Mapping[str, Command], log: PrefixLog
 ) -> None:
-    """Serve one control connection: check the peer, read the request, run the command."""
+    """Check the peer, read the request, run the command (see the module docstring)."""
+    allowed, uid = allowed_peer(stream.socket)  # type: ignore[arg-type]
+    if not allowed:
+        log.warning("control: refused a peer with uid %d", uid)
+        await _refuse(stream, f"uid {uid} may not control this")
+        return
+    try:
+        request = await _read_request(stream)
+    except _OperatorGone:
+        raise
+    except Exception as error:  # anything the request does to the parser is its own fault
+        await _reply(stream, {"result": "failed", "reason": f"bad request: {error!r}"})
+        return
+    name = request.get("command")
+    command = commands.get(str(name))
+    if command is None:
+        known = ", ".join(sorted(commands))
+        reason = f"unknown command {name!r} (known: {known})"
+        await _reply(stream, {"result": "failed", "reason": reason})
+        return
+    try:
+        await command(request, partial(_reply, stream))
+    except _OperatorGone:
+        raise
+    except Exception as error:
+        log.exception("control: the %s command failed", name)
+        await _reply(stream, {"result": "failed", "reason": f"internal error: {error!r}"})
 
-    async def reply(message: dict[str, Any]) -> None:
+
+@contextlib.contextmanager
+def _operator_side() -> Iterator[None]:
+    """Errors of the connection itself mean the operator went away."""
+    try:
+        yield
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+        raise _OperatorGone from error
+
+
+async def _reply(stream: trio.SocketStream, message: dict[str, Any]) -> None:
+    with _operator_side():
         await stream.send_all(json.dumps(message).encode() + b"\n")
 
-    async with stream:
-        try:
-            # The request is read first, also from a peer that is refused: closing with
-            # unread input would reset the connection, and the refusal with it.
-            request = await _read_request(stream)
-            allowed, uid = allowed_peer(stream.socket)  # type: ignore[arg-type]
-            if not allowed:
-                log.warning("control: refused a peer with uid %d", uid)
-                await reply({"result": "failed", "reason": f"uid {uid} may not control this"})
-                return
-            command = commands.get(str(request.get("command")))
-            if command is None:
-                known = ", ".join(sorted(commands))
-                reason = f"unknown command {request.get('command')!r} (known: {known})"
-                await reply({"result": "failed", "reason": reason})
-                return
-            await command(request, reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the operator went away
-        except (ValueError, trio.TooSlowError) as error:
-            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                await reply({"result": "failed", "reason": f"bad request: {error!r}"})
+
+async def _refuse(stream: trio.SocketStream, reason: str) -> None:
+    """Answer ``reason``, then drop the peer's input until it closes, for at most LINGER.
+
+    A unix socket closed with unread input makes the peer's next read fail with
+    ECONNRESET, and a peer that sends its request after the close gets EPIPE: this way
+    the refusal arrives, then the end of the connection.
+    """
+    await _reply(stream, {"result": "failed", "reason": reason})
+    with _operator_side():
+        await stream.send_eof()
+        with trio.move_on_after(LINGER):
+            while await stream.receive_some(MAX_REQUEST):
+                pass
+
+
+async def _refuse_at_once(stream: trio.SocketStream, reason: str) -> None:
+    """Answer ``reason``, and drop what the peer already sent without waiting for more.
+
+    A connection over the cap may not hold its file descriptor any longer than that.
+    """
+    await _reply(stream, {"result": "failed", "reason": reason})
+    with contextlib.suppress(OSError):  # BlockingIOError: nothing more has arrived
+        for _ in range(DISCARD_READS):
+            if not os.read(stream.socket.fileno(), MAX_REQUEST):
+                break
 
 
 async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
     data = b""
-    with trio.fail_after(10):
+    with trio.fail_after(READ_TIMEOUT):
         while b"\n" not in data:
-            chunk = await stream.receive_some(MAX_REQUEST)
+            with _operator_side():
+                chunk = await stream.receive_some(MAX_REQUEST)
             if not chunk:
                 break
             data += chunk

@@ -49,7 +49,16 @@ class RestartUnavailableError(RestartError):
 
 
 class SuccessorStartError(RestartError):
-    """The successor could not be started at all (for example, the interpreter is missing)."""
+    """The successor could not be started at all (for example, the interpreter is missing).
+
+    Attributes:
+        errno: the error number of the failed start (``errno.ENOENT``: the command was
+            not found), or None if it was not a system call that failed.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class SuccessorExitedError(RestartError):

@@ -28,12 +28,27 @@ steps the keeper plays too):
    all under ``drain_timeout``;
 7. exit: what is left is cancelled, :func:`open` returns.
 
-A shutdown is steps 6 and 7 alone, plus the goodbyes only the process in charge may say:
-``STOPPING=1`` to systemd, removing the pid file and the unix socket files. A shutdown
-during a restart abandons it: a successor that was never ready is killed, one on
-probation is asked to stop gracefully.
+A shutdown is steps 6 and 7 alone, plus the goodbyes only the process in charge may say
+(after the drain has begun, and none of them can stop it): ``STOPPING=1`` to systemd,
+removing the pid file and the unix socket files. A shutdown during a restart abandons
+it: a successor that was never ready is killed, one on probation is asked to stop
+gracefully.
 
-Every step re-checks the state after each ``await``: a shutdown may come at any point.
+Who serves afterwards is never "nobody":
+
+- the probation never causes an outage: if the ``open()`` body ends during it (returns
+  or raises), this process can no longer resume, so the handover commits at once (no
+  fallback). A ready, alive successor is stopped only on an explicit request to stop
+  the service (a shutdown signal, :meth:`GracefulRestart.shutdown`, the control socket);
+- the story runs in the library's nursery: a :meth:`GracefulRestart.restart` caller
+  that is cancelled stops waiting, the restart goes on;
+- any other error in the story is logged with its traceback; this process serves on,
+  the successor is stopped, and the next restart works.
+
+Every handler the library runs for someone else (a control connection, the channel, a
+signal) is isolated: its error is logged and ends that one conversation, never this
+process. Every step re-checks the state after each ``await``: a shutdown may come at
+any point.
 """
 
 from __future__ import annotations
@@ -60,6 +75,7 @@ from ._accepting import accept_forever
 from ._control import serve as serve_control
 from ._exceptions import (
     InheritanceError,
+    PidFileError,
     RestartError,
     RestartUnavailableError,
     SuccessorStartError,
@@ -83,7 +99,7 @@ from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
 from ._predecessor import Serving, hand_over
 from ._signals import check_main_thread, receive_signals
 from ._state import ACCEPTING, State, StateMachine
-from ._successor import Successor, default_command, startup_directory
+from ._successor import LAUNCHER_GRACE, Successor, default_command, startup_directory
 from ._systemd import (
     Notifier,
     listen_sockets,
@@ -173,6 +189,9 @@ class GracefulRestart:
     goodbye, and leaves the pid file (which the successor rewrites) alone."""
     _predecessor_exited: trio.Event = attrs.field(factory=trio.Event)
     _restart_scope: trio.CancelScope | None = None
+    _probation_ended: trio.Event = attrs.field(factory=trio.Event)
+    """Set to end a successor's probation at once (see :meth:`_body_ended`)."""
+    _pid_file_error: str | None = None
     _restart_pending: bool = False
     _watchdog_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _shutdown_requests: int = 0
@@ -428,10 +447,8 @@ class GracefulRestart:
         A first start takes charge now (pid file, ``READY=1``, the watchdog). A successor
         tells its predecessor, which watches it through its probation and then hands
         over; a process under a keeper tells the keeper, with its sockets. Does nothing
-        if the process is not starting.
-
-        Raises:
-            PidFileError: the pid file cannot be written (a first start).
+        if the process is not starting. A pid file that cannot be written is a warning
+        (and ``pid_file_error`` in the status), never a reason to stop serving.
         """
         if self.state is not State.STARTING:
             return
@@ -463,36 +480,83 @@ class GracefulRestart:
             SuccessorStartError: the successor could not be started.
             SuccessorExitedError: it exited before it was ready, or during its probation.
             SuccessorTimeoutError: it was not ready within ``ready_timeout``; it was killed.
-            RestartError: a shutdown began meanwhile; the restart was abandoned.
+            RestartError: a shutdown began meanwhile and the restart was abandoned; or an
+                unexpected error (``restart failed: unexpected error: ...``, logged with
+                its traceback).
 
         In every error case this process keeps serving (unless it is shutting down).
+        The restart runs in the library's nursery: cancelling the caller ends its wait
+        only, and the restart goes on.
         """
-        return await self._restart(Timeline("call"))
+        timeline = Timeline("call")
+        self._check_restartable(timeline)
+        finished = trio.Event()
+        outcome: list[int | RestartError] = []
+
+        async def run() -> None:
+            try:
+                outcome.append(await self._restart(timeline))
+            except RestartError as error:
+                outcome.append(error)
+            finally:
+                finished.set()
+
+        # The story runs in the library's nursery: cancelling this call stops the wait,
+        # not the restart (only a shutdown abandons one).
+        self._nursery.start_soon(run)
+        await finished.wait()
+        if not outcome:
+            raise RestartError(f"restart abandoned: this process is {self.state.value}")
+        if isinstance(outcome[0], RestartError):
+            raise outcome[0]
+        return outcome[0]
 
     async def _restart(self, timeline: Timeline) -> int:
-        """:meth:`restart`, marking each phase on ``timeline``, and ending it either way."""
+        """The story, marking each phase on ``timeline`` and ending it either way.
+
+        Every error comes out as a :class:`RestartError`, after this process is back in
+        a state to serve and restart again: an unexpected one (a bug, the fd limit) is
+        logged with its traceback.
+        """
         try:
             return await self._restart_story(timeline)
         except RestartUnavailableError as error:
             timeline.finish("refused", str(error))
             raise
-        except BaseException as error:
-            timeline.finish("failed", str(error) or "abandoned")
+        except RestartError as error:
+            timeline.finish("failed", str(error))
+            self._record(timeline)
+            raise
+        except Exception as error:
+            self._log.exception("the restart failed unexpectedly")
+            timeline.finish("failed", f"unexpected error: {error!r}")
+            self._record(timeline)
+            raise RestartError(f"restart failed: unexpected error: {error!r}") from error
+        except BaseException:
+            timeline.finish("failed", "abandoned")
             self._record(timeline)
             raise
 
-    async def _restart_story(self, timeline: Timeline) -> int:
+    def _check_restartable(self, timeline: Timeline) -> None:
+        """Raises:
+        RestartUnavailableError: this process cannot restart now (``timeline`` says so).
+        """
+        why = None
         if self.keeper_pid is not None:
-            raise RestartUnavailableError(
+            why = (
                 f"this process runs under a keeper (pid {self.keeper_pid}): "
                 "send SIGHUP to the keeper to restart"
             )
-        if self.state is not State.SERVING:
-            raise RestartUnavailableError(f"cannot restart while {self.state.value}")
-        if not self._in_charge.is_set():
-            raise RestartUnavailableError(
-                f"predecessor {self.predecessor_pid} has not handed over yet (probation)"
-            )
+        elif self.state is not State.SERVING:
+            why = f"cannot restart while {self.state.value}"
+        elif not self._in_charge.is_set():
+            why = f"predecessor {self.predecessor_pid} has not handed over yet (probation)"
+        if why is not None:
+            timeline.finish("refused", why)
+            raise RestartUnavailableError(why)
+
+    async def _restart_story(self, timeline: Timeline) -> int:
+        self._check_restartable(timeline)
         self._machine.advance(State.RESTARTING)
         self._timeline = timeline
         self._log.info("restart requested: starting a successor")
@@ -509,8 +573,8 @@ class GracefulRestart:
                 self._log.error("restart failed, still serving: %s", error)
                 self._resume_serving(f"restart failed: {error}")
             raise
-        except BaseException:  # the caller's own scope was cancelled
-            if self._machine.state is State.RESTARTING:
+        except BaseException:  # a bug; or cancelled, by the end of the process
+            if self._machine.state in (State.RESTARTING, State.PROBATION):
                 self._resume_serving("restart abandoned")
             raise
         finally:
@@ -534,10 +598,17 @@ class GracefulRestart:
         except OSError as error:
             raise SuccessorStartError(f"cannot open a pidfd for this process: {error}") from error
         self._restart_scope = trio.CancelScope()
+        self._probation_ended = trio.Event()
         try:
             with self._restart_scope:  # shutdown() cancels it
                 successor, _ = await hand_over(
-                    Serving(self._pause, self._resume, self._commit, self._retire),
+                    Serving(
+                        self._pause,
+                        self._resume,
+                        self._commit,
+                        self._retire,
+                        ended=self._probation_ended,
+                    ),
                     command,
                     env=env,
                     cwd=startup_directory(),
@@ -596,16 +667,16 @@ class GracefulRestart:
             self._log.info("passing the restart asked for meanwhile on to %d", successor.pid)
             successor.send_signal(signal.SIGHUP)
 
-    def _retire(self, successor: Successor) -> None:
+    def _retire(self, successor: Successor, ask: bool) -> None:
         """The restart was abandoned during the probation: let the successor stop."""
         self._leases.__enter__()  # now: the drain that begins in this tick must wait for it
+        if ask:  # a shutdown abandoned the restart, or an error did
+            self._log.info("asking successor %d on probation to stop", successor.pid)
+            successor.send_signal(signal.SIGTERM)
         self._nursery.start_soon(self._stop_successor, successor)
 
     async def _stop_successor(self, successor: Successor) -> None:
         try:
-            if self.state is State.DRAINING:  # a shutdown abandoned the restart
-                self._log.info("asking successor %d on probation to stop", successor.pid)
-                successor.send_signal(signal.SIGTERM)
             await successor.wait_exit()
         finally:
             with trio.CancelScope(shield=True):
@@ -629,36 +700,74 @@ class GracefulRestart:
                 self._log.warning("restart abandoned: shutting down")
                 self._restart_scope.cancel()
             self._machine.advance(State.DRAINING)
-            if self._in_charge.is_set():
+            self._stop_accepting()
+            if self._in_charge.is_set() and not self._handed_over:
                 self._say_goodbye()
-            elif self._inheritance is not None:
+            elif self._inheritance is not None and not self._in_charge.is_set():
                 # Not handed the service yet: tell the predecessor (or keeper), which
                 # takes it back.
                 with contextlib.suppress(OSError):
                     self._inheritance.channel.shutdown(socket.SHUT_WR)
-            self._stop_accepting()
         if immediate:
             self._log.warning("cutting the drain short: cancelling %d lease(s)", self._leases.count)
             self._nursery.cancel_scope.cancel()
 
+    async def _body_ended(self) -> None:
+        """The ``open()`` body returned or raised: this process serves no more.
+
+        A successor on probation is ready and alive, and this process can no longer
+        resume: stopping the successor would leave nobody serving, so the handover
+        commits at once instead (under a keeper, the keeper commits when this
+        generation exits). Anything else is a shutdown.
+        """
+        self._body_done.set()
+        if self.state is State.PROBATION:
+            if self.keeper_pid is None:
+                self._log.warning(
+                    "this process stopped serving during the probation: committing early; "
+                    "no fallback"
+                )
+                self._probation_ended.set()
+                with trio.move_on_after(LAUNCHER_GRACE):
+                    await self._machine.wait_leaving(State.PROBATION)
+            else:
+                self._log.warning(
+                    "this generation stopped serving during the probation: the keeper's "
+                    "new generation takes over; no fallback"
+                )
+                self._handed_over = True
+        self.shutdown()
+
     # -- the steps ---------------------------------------------------------------------
 
     def _take_charge(self) -> None:
-        """This process is the one in charge now: pid file, systemd, the watchdog."""
+        """This process is the one in charge now: systemd, the watchdog, the control
+        socket, the fd store, and last the pid file, whose failure is only a warning."""
         if self._in_charge.is_set():
             return
         self._in_charge.set()
-        if self._options.pid_file is not None:
-            write_pid_file(self._options.pid_file, self._pid)
-        self._store_listeners()
-        if self._inheritance is None:  # a successor's READY=1 came with MAINPID=
-            self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
         if self.keeper_pid is None and self._notifier is not None and self._watchdog is not None:
             self._nursery.start_soon(self._run_watchdog)
         if self._control is not None:
             self._nursery.start_soon(self._serve_control)
+        self._store_listeners()
+        if self._inheritance is None:  # a successor's READY=1 came with MAINPID=
+            self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
+        self._write_pid_file()
         if self.state is State.SERVING:
             self._restart_if_asked()
+
+    def _write_pid_file(self) -> None:
+        """Name this process in the pid file, with the last restart (``cli`` reads it)."""
+        if self._options.pid_file is None:
+            return
+        try:
+            write_pid_file(self._options.pid_file, self._pid, self._last_restart)
+        except PidFileError as error:
+            self._pid_file_error = str(error)
+            self._log.warning("%s; serving on without it", error)
+        else:
+            self._pid_file_error = None
 
     def _resume_serving(self, status: str) -> None:
         self._machine.advance(State.SERVING)
@@ -686,7 +795,7 @@ class GracefulRestart:
 
     def _say_goodbye(self) -> None:
         """The last words of the process in charge (one that never was, says none)."""
-        self._listeners.unlink_unix_paths()
+        self._listeners.unlink_unix_paths(self._log)
         self._notify(
             STOPPING=1,
             STATUS=f"draining {self._leases.count} lease(s)",
@@ -738,7 +847,7 @@ class GracefulRestart:
         async with _surviving(self._log, "following the channel"):
             reader = LineReader(trio.socket.from_stdlib_socket(self._inheritance.channel.dup()))
             with reader.socket:
-                while line := (await reader.receive())[0]:
+                while line := await reader.receive_line():
                     self._on_word(line.decode(errors="replace"))
             if self.keeper_pid is not None:
                 self._log.warning("the keeper %s is gone", self.keeper_pid)
@@ -846,6 +955,7 @@ class GracefulRestart:
                 else []
             ),
             "listeners": self._listeners.describe(),
+            "pid_file_error": self._pid_file_error,
             "restarts": dict(self._restarts),
             "last_restart": self._last_restart,
         }
@@ -880,6 +990,8 @@ class GracefulRestart:
         assert timeline.outcome is not None
         self._restarts[timeline.outcome] += 1
         self._last_restart = timeline.as_dict()
+        if timeline.outcome == "failed" and not self._handed_over:
+            self._write_pid_file()  # the outcome, for `graceful-restart restart --pid-file`
 
     def _inherit_history(self, argument: str) -> None:
         """The restart record and counts the predecessor handed on with ``main``."""
@@ -1061,8 +1173,8 @@ async def open(
             try:
                 yield gr
             finally:
-                gr._body_done.set()
-                gr.shutdown()
+                with trio.CancelScope(shield=True):  # bounded: see _body_ended
+                    await gr._body_ended()
     except BaseExceptionGroup as group:
         escaped = _unwrap(group)
         if escaped is None:

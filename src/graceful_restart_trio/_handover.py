@@ -21,9 +21,22 @@ and one environment variable, :data:`ENV_VAR`, holding JSON::
 the last generation removes when it stops for good; a file systemd made is not listed.)
 
 The successor reads and removes the variable as it starts, and trusts it only if the
-channel's peer (``SO_PEERCRED``) and the pidfd both name the predecessor (or keeper) the
-variable names. It opens its listeners from the inherited sockets and, once they accept,
-writes ``ready\\n`` on the channel. The predecessor then stops accepting (the sockets
+channel is one end of a socket pair made by the predecessor (or keeper) the variable
+names, and the pidfd names that process too. The predecessor makes the channel with
+``socketpair()`` (see ``Successor.start``) and hands the other end to nobody; the kernel
+says who made a pair (``SO_PEERCRED`` of a pair names the process that made it) and that
+it is one: an ``AF_UNIX`` stream socket whose own name and peer's name are both empty.
+A socket merely connected to one of the predecessor's unix listeners also has the
+predecessor as its ``SO_PEERCRED``, but its peer's name is the listener's (a path, or an
+abstract name); a connection the predecessor made to someone else's listener has that
+listener's name as its own. So the variable cannot make us signal, wait for, or hand our
+sockets to any process but the one that made our channel. (A secret in the variable
+would add nothing: whoever forges the variable writes the secret too. Whoever may start
+this program can still start it as the successor of a process of its own, with a pair
+of its own: that gives it nothing a first start would not.)
+
+The successor opens its listeners from the inherited sockets and, once they accept, writes
+``ready\\n`` on the channel. The predecessor then stops accepting (the sockets
 are shared, so nothing queued is lost) and watches the successor through its probation;
 if it survives, the predecessor commits the handover, drains, and exits. If the channel
 closes before ``ready`` came, the successor died.
@@ -36,6 +49,9 @@ generation. The keeper tells it ``main\\n`` once it is in charge; later ``pause\
 when a successor is ready (stop accepting, keep the sockets), then ``resume\\n`` if that
 successor died during its probation, or ``drain <successor pid>\\n`` once the successor
 took over.
+
+A line on the channel is at most :data:`MAX_LINE` bytes (:class:`LineReader` refuses a
+longer one); file descriptors that come along where none are expected are closed.
 
 Without a keeper, once the predecessor has told systemd that the successor is the main
 process (``MAINPID=``), it writes ``main\\n`` on the channel: only then is the successor
@@ -52,7 +68,7 @@ import stat
 import struct
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, final
+from typing import Any, NoReturn, final
 
 import attrs
 import trio
@@ -62,6 +78,7 @@ from ._exceptions import InheritanceError
 __all__ = [
     "ENV_VAR",
     "MAIN",
+    "MAX_LINE",
     "READY",
     "Inheritance",
     "LineReader",
@@ -75,8 +92,14 @@ ENV_VAR = "GRACEFUL_RESTART_TRIO"
 VERSION = 1
 READY = b"ready\n"
 MAIN = b"main\n"
+MAX_LINE = 65536
+"""The longest line (without its newline) a channel carries: far above any the library
+says (a ready line naming 253 listeners, ``main`` with the restart record), far below
+what could hurt the reader."""
 _MAX_FDS = 253
 """``SCM_MAX_FD``: the most file descriptors one message can carry."""
+_CHUNK = 4096
+"""Bytes read from a channel at a time."""
 
 
 @final
@@ -148,7 +171,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def _check_peer(channel: int, pidfd: int, peer: int | None) -> None:
-    """Trust the variable only if the channel and the pidfd both lead to ``peer``.
+    """Trust the variable only if ``channel`` is one end of a socket pair that ``peer``
+    made, and ``pidfd`` names ``peer`` (see the module docstring for why that suffices).
 
     Whoever sets the variable could otherwise receive our listening sockets (with a
     keeper, on ``ready``) or have us signal any pid it names.
@@ -157,13 +181,26 @@ def _check_peer(channel: int, pidfd: int, peer: int | None) -> None:
         raise InheritanceError(f"{ENV_VAR}: names neither a predecessor nor a keeper")
     try:
         with socket.socket(fileno=os.dup(channel)) as sock:
+            domain = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            if (domain, kind) != (socket.AF_UNIX, socket.SOCK_STREAM):
+                raise InheritanceError(
+                    f"{ENV_VAR}: fd {channel} is not a unix stream socket: not handed over "
+                    "by our predecessor"
+                )
+            names = sock.getsockname(), sock.getpeername()
             sender, _, _ = peer_credentials(sock)
     except OSError as error:
         raise InheritanceError(f"{ENV_VAR}: fd {channel} is not a channel: {error}") from None
+    if any(names):
+        raise InheritanceError(
+            f"{ENV_VAR}: fd {channel} is a connection ({names[0]!r} to {names[1]!r}), not "
+            "one end of a socket pair: not handed over by our predecessor"
+        )
     named = _pidfd_pid(pidfd)
     if sender != peer or named != peer:
         raise InheritanceError(
-            f"{ENV_VAR} names pid {peer}, but the channel leads to pid {sender} and the "
+            f"{ENV_VAR} names pid {peer}, but the channel was made by pid {sender} and the "
             f"pidfd names pid {named}: not handed over by our predecessor"
         )
     os.set_inheritable(pidfd, False)
@@ -279,41 +316,92 @@ def parse_ready(line: bytes, sockets: int) -> list[str]:
 class LineReader:
     """Reads a channel line by line, with the file descriptors sent along (``SCM_RIGHTS``).
 
+    A line is at most :data:`MAX_LINE` bytes; reading is linear in what arrives (each byte
+    is searched for the newline once). Where no fds are expected, read with
+    :meth:`receive_line` or :meth:`drop_until_closed`: they close any that come.
+
     Synopsis::
 
         reader = LineReader(trio.socket.from_stdlib_socket(sock))
         line, fds = await reader.receive()  # b"" once the other end has closed
+        word = await reader.receive_line()  # the same, and any fds are closed
     """
 
     socket: trio.socket.SocketType
-    _buffer: bytes = b""
+    _buffer: bytearray = attrs.field(factory=bytearray)
+    _searched: int = 0
+    """How many bytes at the start of the buffer hold no newline."""
     _fds: list[int] = attrs.field(factory=list)
 
     async def receive(self) -> tuple[bytes, list[int]]:
         """The next line (without its newline) and the fds that came since the last one.
 
-        The fds are the caller's to close. b"" once the channel is closed.
+        The fds are the caller's to close. b"" once the channel is closed. (The kernel
+        may hand over a message's fds with bytes sent before it, in one read: they come
+        with the line those bytes end.)
 
         Raises:
-            InheritanceError: more fds were sent than one message can carry (all closed).
+            InheritanceError: a line longer than :data:`MAX_LINE` bytes, or more fds than
+                one message can carry. The fds received are closed, and what is buffered
+                dropped: the channel is of no further use.
         """
-        while b"\n" not in self._buffer:
-            data, ancillary, flags, _ = await self.socket.recvmsg(
-                4096, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-            )
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    received = array.array("i")
-                    received.frombytes(payload[: len(payload) - len(payload) % 4])
-                    self._fds += received
-            if flags & socket.MSG_CTRUNC:
-                self.close_fds()
-                raise InheritanceError("sent more file descriptors than one message can carry")
+        while (end := self._buffer.find(b"\n", self._searched)) < 0:
+            self._searched = len(self._buffer)
+            if self._searched > MAX_LINE:
+                self._fail(f"a line longer than {MAX_LINE} bytes")
+            data, cut = await self._receive_some()
+            if cut:
+                self._fail("sent more file descriptors than one message can carry")
             if not data:
                 return b"", self._take_fds()
             self._buffer += data
-        line, _, self._buffer = self._buffer.partition(b"\n")
+        if end > MAX_LINE:
+            self._fail(f"a line longer than {MAX_LINE} bytes")
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        self._searched = 0
         return line, self._take_fds()
+
+    async def receive_line(self) -> bytes:
+        """The next line, from a channel that sends no fds: any that come are closed.
+
+        Raises:
+            InheritanceError: as :meth:`receive`.
+        """
+        line, fds = await self.receive()
+        _close(fds)
+        return line
+
+    async def drop_until_closed(self) -> None:
+        """Read and drop everything until the other end closes, closing any fds that come.
+
+        For a channel on which nothing more is expected: its memory stays bounded.
+        """
+        self._buffer.clear()
+        self._searched = 0
+        self.close_fds()
+        while (await self._receive_some())[0]:
+            self.close_fds()
+        self.close_fds()
+
+    async def _receive_some(self) -> tuple[bytes, bool]:
+        """What arrives next (b"" once closed), its fds added to ours; and whether the
+        kernel had to drop fds (more than one message can carry)."""
+        data, ancillary, flags, _ = await self.socket.recvmsg(
+            _CHUNK, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % 4])
+                self._fds += received
+        return data, bool(flags & socket.MSG_CTRUNC)
+
+    def _fail(self, why: str) -> NoReturn:
+        self._buffer.clear()
+        self._searched = 0
+        self.close_fds()
+        raise InheritanceError(why)
 
     def _take_fds(self) -> list[int]:
         fds, self._fds = self._fds, []
@@ -321,5 +409,9 @@ class LineReader:
 
     def close_fds(self) -> None:
         """Close the fds received and not yet returned."""
-        for fd in self._take_fds():
-            os.close(fd)
+        _close(self._take_fds())
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

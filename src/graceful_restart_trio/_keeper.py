@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -66,6 +67,7 @@ import trio
 from ._control import serve as serve_control
 from ._exceptions import (
     InheritanceError,
+    PidFileError,
     RestartError,
     SuccessorExitedError,
     SuccessorStartError,
@@ -143,6 +145,8 @@ class Generation:
     successor: Successor
     status: int | None = None
     exited: trio.Event = attrs.field(factory=trio.Event)
+    retiring: bool = False
+    """A task follows it to its end (see :meth:`Keeper._retire`), and closes it then."""
 
     @property
     def pid(self) -> int:
@@ -167,7 +171,8 @@ class Generation:
     def reaped(self, status: int) -> None:
         """Record its exit status and wake whoever waits for it."""
         self.status = status
-        self.successor.close()
+        if not self.retiring:  # else the retiring task still waits on its pidfd
+            self.successor.close()
         self.exited.set()
 
 
@@ -260,6 +265,8 @@ class Keeper:
     _control: ListenerRegistry | None = attrs.field(init=False, default=None)
     _restarts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
     _last_restart: dict[str, Any] | None = attrs.field(init=False, default=None)
+    _probation_ended: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _pid_file_error: str | None = attrs.field(init=False, default=None)
 
     @property
     def state(self) -> State:
@@ -301,7 +308,7 @@ class Keeper:
         self._listeners = listen_sockets(os.environ, self._pid)
         self._systemds = {name for name, _ in self._listeners}
         if self.pid_file is not None:
-            write_pid_file(self.pid_file, self._pid)
+            write_pid_file(self.pid_file, self._pid)  # at start, a failure is fatal
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -331,7 +338,12 @@ class Keeper:
         return status
 
     async def _start_first(self) -> None:
-        generation = await self._hand_over(None, Timeline("start"))
+        try:
+            generation = await self._hand_over(None, Timeline("start"))
+        except Exception:  # a bug: the keeper stops, as if generation 1 never became ready
+            self._log.exception("starting generation 1 failed unexpectedly")
+            self._start_failure = 1
+            generation = None
         if generation is None:
             self._begin_stop("generation 1 never became ready")
         else:
@@ -359,9 +371,23 @@ class Keeper:
         except Exception as error:  # a bug must not take the keeper, and the application, down
             self._log.exception("the restart failed unexpectedly; the keeper goes on")
             timeline.finish("failed", f"unexpected error: {error!r}")
+            self._recover()
         if timeline.outcome in ("committed", "failed"):
             self._restarts[timeline.outcome] += 1
             self._last_restart = timeline.as_dict()
+            self._write_pid_file()
+
+    def _recover(self) -> None:
+        """After an unexpected error in a restart: the serving generation serves on."""
+        if self.state in (State.RESTARTING, State.PROBATION):
+            if self.state is State.PROBATION and self._old is not None:
+                self._old.tell("resume")
+            self._machine.advance(State.SERVING)
+            self._notify(READY=1, STATUS=f"serving: {self._serving}; restart failed")
+        self._old = self._new = None
+        if self._restart_pending:
+            self._restart_pending = False
+            self._on_restart_signal(signal.SIGHUP)
 
     async def _restart(self, timeline: Timeline) -> None:
         old = self._serving
@@ -406,7 +432,10 @@ class Keeper:
         env[ENV_VAR] = encode(
             number, old.pid if old else None, names, keeper=self._pid, socket_files=ours
         )
-        serving = Serving(self._pause, self._resume, self._commit, self._retire)
+        self._probation_ended = trio.Event()
+        serving = Serving(
+            self._pause, self._resume, self._commit, self._retire, ended=self._probation_ended
+        )
         try:
             me = os.pidfd_open(self._pid)
         except OSError as error:
@@ -434,7 +463,7 @@ class Keeper:
             self._log.error("generation %d: %s", number, error)
             timeline.finish("failed", str(error))
             if old is None:
-                self._start_failure = 127 if "No such file" in str(error) else 126
+                self._start_failure = 127 if error.errno == errno.ENOENT else 126
         except RestartError as error:
             self._log.warning("generation %d: %s", number, error)
             timeline.finish("failed", str(error))
@@ -499,20 +528,26 @@ class Keeper:
             self._old.tell(f"drain {successor.pid}")
             self._log.info("handed over from %s to %s", self._old, self._new)
 
-    def _retire(self, successor: Successor) -> None:
-        # A stop abandoned the restart (and tells every live generation), or the new one
-        # stopped by itself: either way it finishes its work, then the launcher reaps it.
+    def _retire(self, successor: Successor, ask: bool) -> None:
+        # A stop abandoned the restart (and tells every live generation), an error did,
+        # or the new one stopped by itself: either way it finishes its work and exits.
         generation = self._new or self._adopt(successor)
         self._new = None
+        generation.retiring = True
         self._log.info("%s on probation is stopping", generation)
+        if ask and self.state is not State.DRAINING:
+            generation.send_signal(signal.SIGTERM)
         self._tasks().start_soon(self._wait_retired, generation)
 
     async def _wait_retired(self, generation: Generation) -> None:
+        """Follow a retired generation to its end, whoever reaps it: the launcher, or
+        the keeper itself once the launcher let it go."""
         try:
             status = await generation.successor.wait_exit()
         finally:
             with trio.CancelScope(shield=True):
                 await generation.successor.kill()  # whatever it left
+            generation.successor.close()
         if self._live.pop(generation.pid, None) is not None:
             generation.reaped(status if status is not None else 0)
             self._log.info("%s exited with status %s", generation, status)
@@ -577,6 +612,12 @@ class Keeper:
             self._check_stopped()
         elif generation is self._serving and self._machine.state is State.SERVING:
             self._stop_by_itself(generation)
+        elif generation is self._old and self._machine.state is State.PROBATION:
+            self._log.warning(
+                "the serving %s exited during the probation: committing early; no fallback",
+                generation,
+            )
+            self._probation_ended.set()
         elif generation is self._serving:
             self._log.warning("the serving %s exited during a restart", generation)
 
@@ -605,6 +646,18 @@ class Keeper:
     def _notify(self, **fields: str | int) -> None:
         if self._notifier is not None:
             self._notifier.send(fields)
+
+    def _write_pid_file(self) -> None:
+        """The keeper's pid, with the last restart (``graceful-restart`` reads it)."""
+        if self.pid_file is None:
+            return
+        try:
+            write_pid_file(self.pid_file, self._pid, self._last_restart)
+        except PidFileError as error:
+            self._pid_file_error = str(error)
+            self._log.warning("%s; the keeper goes on without it", error)
+        else:
+            self._pid_file_error = None
 
     # -- the control socket (see _control) -------------------------------------------------
 
@@ -647,6 +700,7 @@ class Keeper:
             ],
             "restarts": dict(self._restarts),
             "last_restart": self._last_restart,
+            "pid_file_error": self._pid_file_error,
         }
 
     def _control_restart(self, timeline: Timeline) -> float:
@@ -660,10 +714,11 @@ class Keeper:
             self._on_stop_signal(signal.SIGTERM)
 
     def _close(self) -> None:
-        """The keeper's last word: nothing of it may outlive it unsupervised."""
+        """The keeper's last word: nothing of it may outlive it unsupervised, and nothing
+        that fails here (a file it cannot remove) changes its exit status."""
         if self._control is not None:
             self._control.close()
-            self._control.unlink_unix_paths()
+            self._control.unlink_unix_paths(self._log)
         for generation in self._live.values():  # only after a bug: ask them to stop
             generation.send_signal(signal.SIGTERM)
             generation.successor.close()
@@ -671,8 +726,8 @@ class Keeper:
         self._listeners = []
         if self._notifier is not None:
             self._notifier.close()
-        if self.pid_file is not None:
-            remove_pid_file(self.pid_file, self._pid)
+        if self.pid_file is not None and not remove_pid_file(self.pid_file, self._pid):
+            self._log.warning("the pid file %s was not removed", self.pid_file)
 
 
 def _ready_listeners(line: bytes, fds: list[int]) -> Listeners:

@@ -67,7 +67,14 @@ class LeaseCounter:
             self._idle = None
 
     async def wait_idle(self) -> None:
-        """Return once no lease is held. Any number of tasks may wait at once."""
+        """Return once no lease is held. Any number of tasks may wait at once.
+
+        A checkpoint even when no lease is held, like trio's own functions: a task that
+        awaits it in a loop still lets the others (the drain among them) run, and sees
+        its cancellation.
+        """
+        if not self._count:
+            await trio.lowlevel.checkpoint()
         while self._count:
             if self._idle is None:
                 self._idle = trio.Event()

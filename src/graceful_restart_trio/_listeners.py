@@ -15,6 +15,7 @@ restart hands over.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -214,8 +215,13 @@ class ListenerRegistry:
         return [(name, sock.fileno()) for name, sock in self._owned + self._inherited]
 
     def describe(self) -> list[dict[str, str]]:
-        """The name and address of each listener opened, for a status."""
-        return [{"name": name, "address": describe_address(sock)} for name, sock in self._owned]
+        """The name and address of each listener open, for a status (none once this
+        process has stopped accepting for good: it closed them)."""
+        return [
+            {"name": name, "address": describe_address(sock)}
+            for name, sock in self._owned
+            if sock.fileno() != -1
+        ]
 
     def socket_files(self) -> list[str]:
         """Names of the unix listeners whose socket file is ours to remove in the end."""
@@ -239,10 +245,17 @@ class ListenerRegistry:
         for _, sock in self._owned:
             sock.close()
 
-    def unlink_unix_paths(self) -> None:
-        """Remove the socket files of our unix listeners: only on the final stop."""
+    def unlink_unix_paths(self, log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
+        """Remove the socket files of our unix listeners: only on the final stop.
+
+        One that cannot be removed (its directory is no longer ours, say) is logged and
+        left: nothing here may stop a shutdown.
+        """
         for unix_path in self._unix_paths.values():
-            unix_path.unlink()
+            try:
+                unix_path.unlink()
+            except OSError as error:
+                log.warning("cannot remove the socket file %s: %s", unix_path.path, error)
         self._unix_paths = {}
 
 

@@ -17,15 +17,19 @@ Theory of operation
    kill) or stops serving (it closes its channel), the serving copy **resumes** accepting
    on the same sockets, and the restart is reported failed with the reason. Nothing was
    refused: the queues were never closed. A successor that stopped is left to finish
-   its own work (*retired*);
+   its own work (*retired*). The probation can only make a restart safer, never cause
+   an outage: if the serving copy can no longer resume (its ``open()`` body returned or
+   raised, a keeper's generation exited), it sets ``ended`` and the probation ends at
+   once: the handover commits early, with no fallback;
 5. **commit**: release the launcher, so that the successor is re-parented to the service
    manager (systemd, the keeper, a container's init) before anyone names it the main
    process; then the serving copy hands the service over and drains.
 
-If the story is cancelled (a shutdown, the caller's own scope) before the commit, the
-restart is abandoned: a successor that was never ready is killed; one in its probation
-is *retired* by the serving copy (asked to stop, gracefully: it may hold connections it
-accepted from the shared queue).
+If the story is cancelled (an explicit request to stop the service) before the commit,
+the restart is abandoned: a successor that was never ready is killed; one in its
+probation is *retired* by the serving copy (asked to stop, gracefully: it may hold
+connections it accepted from the shared queue). A ready, alive successor is stopped on
+nothing else. Any other error is the serving copy's to recover from: it resumes.
 
 What the serving copy does at each step is its own business (:class:`Serving`): in direct
 mode it is this very process; under the keeper it is the generation that serves now.
@@ -71,8 +75,11 @@ class Serving:
     """The successor died during its probation: accept again."""
     commit: Callable[[Successor], None]
     """The successor is on its own and stays: hand the service over, then drain."""
-    retire: Callable[[Successor], None]
-    """The restart was abandoned during the probation: stop the successor gracefully."""
+    retire: Callable[[Successor, bool], None]
+    """The restart was abandoned during the probation: let the successor finish its work
+    and exit; ask it to stop (``SIGTERM``) if the flag says so (it did not stop itself)."""
+    ended: trio.Event = attrs.field(factory=trio.Event)
+    """Set when the serving copy can no longer resume: the probation ends at once."""
 
 
 async def hand_over(
@@ -115,7 +122,10 @@ async def hand_over(
     timeline.mark("spawned", successor=successor.pid)
     paused = False
     try:
-        line, fds = await _ready(successor, deadline, ready_timeout)
+        try:
+            line, fds = await _ready(successor, deadline, ready_timeout)
+        except InheritanceError as error:  # what came with its ready (too many fds, ...)
+            raise SuccessorStartError(f"successor {successor.pid}: {error}") from None
         try:
             ready = accept_ready(line, fds)
         except InheritanceError as error:
@@ -133,15 +143,17 @@ async def hand_over(
         paused = True
         timeline.mark("stopped accepting", probation=probation)
         try:
-            await _probation(successor, probation)
+            if await _probation(successor, probation, serving.ended):
+                timeline.mark("probation cut short")
+            await _release(successor)
         except SuccessorExitedError as error:
             serving.resume(error)
             raise
         timeline.mark("committed")
         serving.commit(successor)
-    except BaseException:
+    except BaseException as error:
         if paused and not successor.has_exited():  # it may hold connections: let it finish
-            serving.retire(successor)
+            serving.retire(successor, not isinstance(error, SuccessorExitedError))
         else:
             with trio.CancelScope(shield=True):
                 await successor.kill()
@@ -158,12 +170,32 @@ async def _ready(successor: Successor, deadline: float, timeout: float) -> tuple
     )
 
 
-async def _probation(successor: Successor, seconds: float) -> None:
-    """Watch it for ``seconds``, then let it go on its own; raise if it stops first."""
+async def _probation(successor: Successor, seconds: float, ended: trio.Event) -> bool:
+    """Watch it for ``seconds``, or until ``ended`` is set (then return True).
+
+    Raises:
+        SuccessorExitedError: it exited or stopped serving first.
+    """
+    stopped: list[int | None] = []
     with trio.move_on_after(seconds):
-        status = await successor.wait_stopped()
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                stopped.append(await successor.wait_stopped())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await ended.wait()
+            nursery.cancel_scope.cancel()
+    if stopped:
+        status = stopped[0]
         how = "stopped serving" if status is None else f"exited with {describe_status(status)}"
         raise SuccessorExitedError(f"successor {successor.pid} {how} during its probation", status)
+    return ended.is_set()
+
+
+async def _release(successor: Successor) -> None:
+    """Let it go on its own (see :meth:`Successor.release`); raise if it exited first."""
     if not await successor.release():
         status = successor.returncode or 0
         raise SuccessorExitedError(

@@ -32,7 +32,7 @@ import attrs
 import trio
 import trio.lowlevel
 
-from ._exceptions import SuccessorExitedError, SuccessorStartError
+from ._exceptions import InheritanceError, SuccessorExitedError, SuccessorStartError
 from ._handover import LineReader
 
 __all__ = ["Successor", "default_command", "describe_status", "startup_directory"]
@@ -160,9 +160,14 @@ class Successor:
                 with trio.CancelScope(shield=True):
                     await _abort(pid, launcher_pidfd, control)
                 channel.close()
+        if word == "failed":  # failed <errno> <message>
+            number, _, why = argument.partition(" ")
+            errno = int(number) if number.isdigit() else None
+            raise SuccessorStartError(f"cannot start {command[0]!r}: {why}", errno)
         if word != "started" or len(pidfds) != 1:
-            why = argument if word == "failed" else f"the launcher said {line[:200]!r}"
-            raise SuccessorStartError(f"cannot start {command[0]!r}: {why}")
+            raise SuccessorStartError(
+                f"cannot start {command[0]!r}: the launcher said {line[:200]!r}"
+            )
         reader = LineReader(trio.socket.from_stdlib_socket(channel))
         return cls(
             int(argument), reader.socket, reader, pidfds[0], pid, launcher_pidfd, control_reader
@@ -172,9 +177,7 @@ class Successor:
         """Wait until it exits; return its status (None if it was released before)."""
         await trio.lowlevel.wait_readable(self._pidfd)
         while self.returncode is None and self._control.socket.fileno() >= 0:
-            line, fds = await self._control.receive()
-            for fd in fds:
-                os.close(fd)
+            line = await self._control.receive_line()
             word, _, argument = line.decode(errors="replace").partition(" ")
             if word == "exited":
                 self.returncode = int(argument)
@@ -187,12 +190,20 @@ class Successor:
 
         Raises:
             SuccessorExitedError: it exited, or closed the channel, first.
+            InheritanceError: it wrote a line longer than ``MAX_LINE``, or sent more fds
+                than one message can carry (see :meth:`LineReader.receive`).
         """
         line, fds = b"", list[int]()
+        wrong: InheritanceError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_readable, self._pidfd, nursery.cancel_scope)
-            line, fds = await self.reader.receive()
+            try:
+                line, fds = await self.reader.receive()
+            except InheritanceError as error:  # raised here, not wrapped by the nursery
+                wrong = error
             nursery.cancel_scope.cancel()
+        if wrong is not None:
+            raise wrong
         if line:
             return line, fds
         with trio.move_on_after(LAUNCHER_GRACE):  # it closed the channel: on its way out?
@@ -207,7 +218,10 @@ class Successor:
 
     async def wait_stopped(self) -> int | None:
         """After ready: wait until it exits (return its status) or closes its channel
-        because it stopped serving (return None: it is finishing its work)."""
+        because it stopped serving (return None: it is finishing its work).
+
+        Whatever it still writes on the channel is dropped, and any fds sent closed.
+        """
         stopped: list[int | None] = []
         async with trio.open_nursery() as nursery:
 
@@ -216,8 +230,7 @@ class Successor:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(exited)
-            while (await self.reader.receive())[0]:  # nothing more is said after "ready"
-                pass
+            await self.reader.drop_until_closed()  # nothing more is said after "ready"
             await trio.lowlevel.checkpoint()  # let an exit that closed the channel be seen first
             if not self.has_exited():
                 nursery.cancel_scope.cancel()
@@ -243,7 +256,7 @@ class Successor:
             await self._control.socket.send(b"release\n")
         await self._wait_launcher()
         if self.returncode is None:  # it may have said "exited" just before it left
-            while line := (await self._control.receive())[0]:
+            while line := await self._control.receive_line():
                 word, _, argument = line.decode(errors="replace").partition(" ")
                 if word == "exited":
                     self.returncode = int(argument)

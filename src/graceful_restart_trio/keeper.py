@@ -50,11 +50,11 @@ def _probation(text: str) -> float:
         ) from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="graceful-restart-keeper",
+        prog=prog,
         usage="%(prog)s [--pid-file F] [--ready-timeout S] [--probation S] [--fd-store] "
-        "[--log-level L] -- command args...",
+        "[--control PATH] [--log-level L] -- command args...",
         description="Run an application built on graceful_restart_trio under a process "
         "with a stable pid: SIGHUP restarts the application without losing a connection, "
         "SIGTERM/SIGINT drain it and exit with its status.",
@@ -98,14 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "graceful-restart-keeper") -> int:
     """Run the keeper from the command line; return its exit status.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
+        prog: the command's name in ``--help`` and in errors (``graceful-restart keeper``
+            when run through ``graceful-restart``).
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = _parser(prog)
     if "--" in arguments:  # everything after the first "--" belongs to the application
         split = arguments.index("--")
         options = parser.parse_args(arguments[:split])

@@ -16,10 +16,14 @@ Like a real deployment, what a new copy does is read at start-up from a *deploy 
                          ``<deploy file>.helper``), then exit with status 3 before ready
 ``ready-with-a-pipe``    say ready to a keeper with a pipe among the listening sockets
 ``listen-elsewhere``     listen on a listener named ``elsewhere`` instead of the usual one
+``bug-in-restart``       this copy's first restart meets an unexpected error (an OSError,
+                         as at the fd limit) right after its successor is ready
+``stop-keeper-at-ready`` say ready, then send SIGTERM to the keeper at once
 
 The echo server also answers ``fill-fds`` (open fds until there are none left),
-``free-fds`` and ``close-unclaimed`` (``gr.close_unclaimed()``); every copy writes
-``SIGUSR1 received`` to stderr when it gets one.
+``free-fds``, ``close-unclaimed`` (``gr.close_unclaimed()``) and ``restart-and-leave``
+(``gr.restart()`` in a scope cancelled at once: the caller stops waiting); every copy
+writes ``SIGUSR1 received`` to stderr when it gets one.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ async def echo(gr: graceful_restart.GracefulRestart, stream: trio.SocketStream) 
                 while True:
                     FILLER.append(os.open("/dev/null", os.O_RDONLY))
             reply = f"filled {len(FILLER)}\n".encode()
+        elif chunk.strip() == b"restart-and-leave":
+            with trio.move_on_after(0):
+                await gr.restart()
+            reply = b"left\n"
         elif chunk.strip() == b"close-unclaimed":
             reply = f"closed {gr.close_unclaimed()}\n".encode()
         elif chunk.strip() == b"free-fds":
@@ -108,6 +116,10 @@ async def main(args: argparse.Namespace, behaviour: str) -> None:
             await trio.sleep_forever()
         if behaviour == "return-before-ready":
             return
+        if behaviour == "stop-keeper-at-ready":
+            gr.ready()
+            assert gr.keeper_pid is not None
+            os.kill(gr.keeper_pid, signal.SIGTERM)
         if behaviour == "exit-after-ready":
             gr.ready()
             sys.exit(4)
@@ -162,6 +174,25 @@ def ready_with_a_pipe() -> None:
     vars(story)["send_ready"] = send_ready
 
 
+def bug_in_restart() -> None:
+    """Make this copy's first restart fail with an OSError right after the successor is
+    ready, where no RestartError is expected."""
+    from graceful_restart_trio._timeline import Timeline  # noqa: PLC0415 - a test's hack
+
+    original = Timeline.mark
+
+    def mark(self: Timeline, phase: str, **details: object) -> None:
+        original(self, phase, **details)
+        if phase == "stopped accepting" and self.trigger != "start" and not BUGS:
+            BUGS.append(phase)
+            raise OSError(24, "Too many open files (injected by a test)")
+
+    Timeline.mark = mark  # type: ignore[method-assign]
+
+
+BUGS: list[str] = []
+
+
 def start_helper(deploy_file: str) -> None:
     """A helper in a session of its own, as ``start_new_session=True`` makes one."""
     helper = subprocess.Popen(["sleep", "300"], start_new_session=True)
@@ -201,5 +232,7 @@ if __name__ == "__main__":
         sys.exit(3)
     if behaviour == "ready-with-a-pipe":
         ready_with_a_pipe()
+    if behaviour == "bug-in-restart":
+        bug_in_restart()
     trio.run(main, arguments, behaviour)
     sys.exit(QUIT[0] if QUIT else 0)
