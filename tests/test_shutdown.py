@@ -107,7 +107,7 @@ def test_sighup_while_draining_is_ignored(start_server: StartServer) -> None:
             server.signal(signal.SIGHUP, pid)
         assert slow.result()[0] == 200
     assert server.wait_exit(pid) == 0
-    assert "SIGHUP ignored: draining" in server.log()
+    assert "SIGHUP ignored: cannot restart while draining" in server.log()
     assert "successor" not in server.log()
 
 
@@ -117,7 +117,10 @@ def test_sighup_before_ready_does_not_kill(start_server: StartServer) -> None:
     wait_until(lambda: "listening on tcp" in server.log(), "the listener")
     for _ in range(5):
         server.signal(signal.SIGHUP, server.first.pid)
-    wait_until(lambda: "SIGHUP ignored: starting" in server.log(), "the signal to be seen")
+    wait_until(
+        lambda: "SIGHUP ignored: cannot restart while starting" in server.log(),
+        "the signal to be seen",
+    )
     assert server.first.poll() is None
     server.signal(signal.SIGTERM, server.first.pid)
     assert server.wait_exit(server.first.pid) == 0

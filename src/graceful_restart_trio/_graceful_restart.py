@@ -53,10 +53,8 @@ any point.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
@@ -77,17 +75,22 @@ from ._exceptions import (
     InheritanceError,
     PidFileError,
     RestartError,
-    RestartUnavailableError,
-    SuccessorStartError,
+    SuccessorExitedError,
     UsageError,
 )
 from ._handover import (
+    DRAIN,
     ENV_VAR,
     MAIN,
-    READY,
+    PAUSE,
+    RESUME,
     Inheritance,
     LineReader,
     encode,
+    encode_word,
+    parse_history,
+    parse_plain_ready,
+    parse_word,
     read_inheritance,
     send_ready,
 )
@@ -96,11 +99,13 @@ from ._listeners import ListenerRegistry
 from ._logging import PrefixLog
 from ._options import Options
 from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
-from ._predecessor import Serving, hand_over
+from ._restart import Launch, Restarts
 from ._signals import check_main_thread, receive_signals
 from ._state import ACCEPTING, State, StateMachine
-from ._successor import LAUNCHER_GRACE, Successor, default_command, startup_directory
+from ._successor import LAUNCHER_GRACE, Successor, default_command
 from ._systemd import (
+    ACTIVATION_VARIABLES,
+    WATCHDOG_VARIABLES,
     Notifier,
     listen_sockets,
     monotonic_usec,
@@ -118,9 +123,6 @@ __all__ = ["GracefulRestart", "Statistics", "open"]
 
 EXIT_GRACE = 5.0
 """Seconds systemd is asked to wait for a drain beyond ``drain_timeout``."""
-
-_ACTIVATION = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
-_WATCHDOG = ("WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 @final
@@ -188,23 +190,18 @@ class GracefulRestart:
     """Set once this process handed the service to a successor: from then on it says no
     goodbye, and leaves the pid file (which the successor rewrites) alone."""
     _predecessor_exited: trio.Event = attrs.field(factory=trio.Event)
-    _restart_scope: trio.CancelScope | None = None
-    _probation_ended: trio.Event = attrs.field(factory=trio.Event)
-    """Set to end a successor's probation at once (see :meth:`_body_ended`)."""
     _pid_file_error: str | None = None
-    _restart_pending: bool = False
     _watchdog_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _shutdown_requests: int = 0
-    _successor: Successor | None = None
     _pid: int = attrs.field(factory=os.getpid)
     _started_at: float = attrs.field(factory=time.time)
     _control: trio.SocketListener | None = None
     _control_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    _timeline: Timeline | None = None
-    """The restart under way, if any."""
-    _last_restart: dict[str, Any] | None = None
-    _restarts: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """Restarts by outcome, this process's and its predecessors' (handed on at commit)."""
+    _restarts: Restarts = attrs.field(init=False)
+    """This process's restarts, and those of its predecessors (handed on at commit)."""
+
+    def __attrs_post_init__(self) -> None:
+        self._restarts = Restarts(self, self._pid, self._log, self._nursery)
 
     # -- what the application asks -------------------------------------------------------
 
@@ -251,7 +248,7 @@ class GracefulRestart:
             generation=self.generation,
             pid=self._pid,
             predecessor=self.predecessor_pid,
-            successor=self._successor.pid if self._successor else None,
+            successor=self._restarts.successor.pid if self._restarts.successor else None,
         )
 
     def lease(self) -> LeaseCounter:
@@ -488,77 +485,24 @@ class GracefulRestart:
         The restart runs in the library's nursery: cancelling the caller ends its wait
         only, and the restart goes on.
         """
-        timeline = Timeline("call")
-        self._check_restartable(timeline)
-        finished = trio.Event()
-        outcome: list[int | RestartError] = []
+        return (await self._restarts.call(Timeline("call"))).pid
 
-        async def run() -> None:
-            try:
-                outcome.append(await self._restart(timeline))
-            except RestartError as error:
-                outcome.append(error)
-            finally:
-                finished.set()
+    # The predecessor's part of the story (see _restart.Side).
 
-        # The story runs in the library's nursery: cancelling this call stops the wait,
-        # not the restart (only a shutdown abandons one).
-        self._nursery.start_soon(run)
-        await finished.wait()
-        if not outcome:
-            raise RestartError(f"restart abandoned: this process is {self.state.value}")
-        if isinstance(outcome[0], RestartError):
-            raise outcome[0]
-        return outcome[0]
-
-    async def _restart(self, timeline: Timeline) -> int:
-        """The story, marking each phase on ``timeline`` and ending it either way.
-
-        Every error comes out as a :class:`RestartError`, after this process is back in
-        a state to serve and restart again: an unexpected one (a bug, the fd limit) is
-        logged with its traceback.
-        """
-        try:
-            return await self._restart_story(timeline)
-        except RestartUnavailableError as error:
-            timeline.finish("refused", str(error))
-            raise
-        except RestartError as error:
-            timeline.finish("failed", str(error))
-            self._record(timeline)
-            raise
-        except Exception as error:
-            self._log.exception("the restart failed unexpectedly")
-            timeline.finish("failed", f"unexpected error: {error!r}")
-            self._record(timeline)
-            raise RestartError(f"restart failed: unexpected error: {error!r}") from error
-        except BaseException:
-            timeline.finish("failed", "abandoned")
-            self._record(timeline)
-            raise
-
-    def _check_restartable(self, timeline: Timeline) -> None:
-        """Raises:
-        RestartUnavailableError: this process cannot restart now (``timeline`` says so).
-        """
-        why = None
+    def _why_not(self) -> str | None:
         if self.keeper_pid is not None:
-            why = (
+            return (
                 f"this process runs under a keeper (pid {self.keeper_pid}): "
                 "send SIGHUP to the keeper to restart"
             )
-        elif self.state is not State.SERVING:
-            why = f"cannot restart while {self.state.value}"
-        elif not self._in_charge.is_set():
-            why = f"predecessor {self.predecessor_pid} has not handed over yet (probation)"
-        if why is not None:
-            timeline.finish("refused", why)
-            raise RestartUnavailableError(why)
+        if self.state is not State.SERVING:
+            return f"cannot restart while {self.state.value}"
+        if not self._in_charge.is_set():
+            return f"predecessor {self.predecessor_pid} has not handed over yet (probation)"
+        return None
 
-    async def _restart_story(self, timeline: Timeline) -> int:
-        self._check_restartable(timeline)
+    def _begin(self, timeline: Timeline) -> Launch:
         self._machine.advance(State.RESTARTING)
-        self._timeline = timeline
         self._log.info("restart requested: starting a successor")
         self._notify(
             RELOADING=1,
@@ -566,25 +510,11 @@ class GracefulRestart:
             STATUS="restarting",
             EXTEND_TIMEOUT_USEC=_usec(self._options.ready_timeout + self._options.probation),
         )
-        try:
-            return (await self._hand_over(timeline)).pid
-        except RestartError as error:
-            if self._machine.state is State.RESTARTING:
-                self._log.error("restart failed, still serving: %s", error)
-                self._resume_serving(f"restart failed: {error}")
-            raise
-        except BaseException:  # a bug; or cancelled, by the end of the process
-            if self._machine.state in (State.RESTARTING, State.PROBATION):
-                self._resume_serving("restart abandoned")
-            raise
-        finally:
-            self._restart_scope = None
-            self._timeline = None
-
-    async def _hand_over(self, timeline: Timeline) -> Successor:
         handover = self._listeners.handover()
         # The watchdog goes to the successor only if it was ours; it will be main.
-        dropped = _ACTIVATION + (_WATCHDOG if self._watchdog is None else ("WATCHDOG_PID",))
+        dropped = ACTIVATION_VARIABLES + (
+            WATCHDOG_VARIABLES if self._watchdog is None else ("WATCHDOG_PID",)
+        )
         env = {k: v for k, v in os.environ.items() if k not in dropped}
         env[ENV_VAR] = encode(
             self.generation + 1,
@@ -592,57 +522,30 @@ class GracefulRestart:
             [name for name, _ in handover],
             socket_files=self._listeners.socket_files(),
         )
-        command = self._options.command or default_command()
-        try:
-            me = os.pidfd_open(self._pid)
-        except OSError as error:
-            raise SuccessorStartError(f"cannot open a pidfd for this process: {error}") from error
-        self._restart_scope = trio.CancelScope()
-        self._probation_ended = trio.Event()
-        try:
-            with self._restart_scope:  # shutdown() cancels it
-                successor, _ = await hand_over(
-                    Serving(
-                        self._pause,
-                        self._resume,
-                        self._commit,
-                        self._retire,
-                        ended=self._probation_ended,
-                    ),
-                    command,
-                    env=env,
-                    cwd=startup_directory(),
-                    fds=[me, *(fd for _, fd in handover)],
-                    ready_timeout=self._options.ready_timeout,
-                    probation=self._options.probation,
-                    log=self._log,
-                    accept_ready=_plain_ready,
-                    timeline=timeline,
-                )
-                return successor
-        finally:
-            os.close(me)
-        raise RestartError(f"restart abandoned: this process is {self._machine.state.value}")
-
-    # The serving side of the predecessor's story (see _predecessor.Serving).
+        return Launch(
+            command=self._options.command or default_command(),
+            env=env,
+            sockets=[fd for _, fd in handover],
+            ready_timeout=self._options.ready_timeout,
+            probation=self._options.probation,
+            accept_ready=parse_plain_ready,
+        )
 
     def _pause(self, successor: Successor) -> None:
         """The successor is ready: stop accepting, keep the sockets, watch it."""
         if self.state is not State.RESTARTING:  # a shutdown came in the same tick
             raise RestartError(f"restart abandoned: this process is {self.state.value}")
         self._machine.advance(State.PROBATION)
-        self._successor = successor
         self._cancel_accepting()
         self._log.info("stopped accepting: successor %d is on probation", successor.pid)
 
-    def _resume(self, error: Exception) -> None:
+    def _resume(self, error: SuccessorExitedError) -> None:
         """The successor died during its probation: accept again."""
-        self._successor = None
         if self.state is State.PROBATION:
             self._log.error("restart failed, still serving: %s: accepting again", error)
             self._resume_serving(f"restart failed: {error}")
 
-    def _commit(self, successor: Successor) -> None:
+    def _commit(self, successor: Successor, ready: object, timeline: Timeline) -> None:
         """The point of no return: the successor is systemd's main process from now on."""
         if self.state is not State.PROBATION:  # a shutdown came while releasing it
             raise RestartError(f"restart abandoned: this process is {self.state.value}")
@@ -652,18 +555,17 @@ class GracefulRestart:
             READY=1,
             STATUS=f"serving: generation {self.generation + 1} (pid {successor.pid})",
         )
-        if self._timeline is not None:
-            self._timeline.mark("draining", leases=self._leases.count)
-            self._timeline.finish("committed")
-            self._record(self._timeline)
-        history = {"last_restart": self._last_restart, "restarts": dict(self._restarts)}
+        timeline.mark("draining", leases=self._leases.count)
+        self._restarts.conclude(timeline, "committed")  # now: the successor inherits it
+        history = {"last_restart": self._restarts.last, "restarts": dict(self._restarts.counts)}
         with contextlib.suppress(OSError):  # it died already: systemd's problem now
-            os.write(successor.channel.fileno(), MAIN.rstrip() + b" " + _json(history) + b"\n")
+            os.write(successor.channel.fileno(), encode_word(MAIN, history))
         self._log.info("handed over to successor %d", successor.pid)
         self._handed_over = True
         self._watchdog_scope.cancel()
         self._stop_accepting()
-        if self._restart_pending:
+        if self._restarts.pending:
+            self._restarts.pending = False
             self._log.info("passing the restart asked for meanwhile on to %d", successor.pid)
             successor.send_signal(signal.SIGHUP)
 
@@ -675,6 +577,15 @@ class GracefulRestart:
             successor.send_signal(signal.SIGTERM)
         self._nursery.start_soon(self._stop_successor, successor)
 
+    def _failed(self, error: RestartError) -> None:
+        if self.state in (State.RESTARTING, State.PROBATION):
+            self._log.error("restart failed, still serving: %s", error)
+            self._resume_serving(f"restart failed: {error}")
+
+    def _recorded(self, timeline: Timeline) -> None:
+        if timeline.outcome == "failed" and not self._handed_over:
+            self._write_pid_file()  # the outcome, for `graceful-restart restart --pid-file`
+
     async def _stop_successor(self, successor: Successor) -> None:
         try:
             await successor.wait_exit()
@@ -682,7 +593,7 @@ class GracefulRestart:
             with trio.CancelScope(shield=True):
                 await successor.kill()  # whatever it left
             successor.close()
-            self._leases.__exit__(None, None, None)  # the lease _retire took
+            self._leases.__exit__(None, None, None)  # the lease retire took
 
     def shutdown(self, *, immediate: bool = False) -> None:
         """Stop accepting, drain the leases, and end the :func:`open` body.
@@ -696,9 +607,8 @@ class GracefulRestart:
         if self.state is State.STOPPED:
             return
         if self.state is not State.DRAINING:
-            if self._restart_scope is not None:
+            if self._restarts.abandon():
                 self._log.warning("restart abandoned: shutting down")
-                self._restart_scope.cancel()
             self._machine.advance(State.DRAINING)
             self._stop_accepting()
             if self._in_charge.is_set() and not self._handed_over:
@@ -727,7 +637,7 @@ class GracefulRestart:
                     "this process stopped serving during the probation: committing early; "
                     "no fallback"
                 )
-                self._probation_ended.set()
+                self._restarts.cut_probation()
                 with trio.move_on_after(LAUNCHER_GRACE):
                     await self._machine.wait_leaving(State.PROBATION)
             else:
@@ -755,14 +665,14 @@ class GracefulRestart:
             self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
         self._write_pid_file()
         if self.state is State.SERVING:
-            self._restart_if_asked()
+            self._restarts.follow_up()
 
     def _write_pid_file(self) -> None:
         """Name this process in the pid file, with the last restart (``cli`` reads it)."""
         if self._options.pid_file is None:
             return
         try:
-            write_pid_file(self._options.pid_file, self._pid, self._last_restart)
+            write_pid_file(self._options.pid_file, self._pid, self._restarts.last)
         except PidFileError as error:
             self._pid_file_error = str(error)
             self._log.warning("%s; serving on without it", error)
@@ -772,14 +682,6 @@ class GracefulRestart:
     def _resume_serving(self, status: str) -> None:
         self._machine.advance(State.SERVING)
         self._notify(READY=1, STATUS=f"serving: generation {self.generation}; {status}")
-        self._restart_if_asked()
-
-    def _restart_if_asked(self) -> None:
-        """Carry out a restart asked for while this process could not restart."""
-        if self._restart_pending:
-            self._restart_pending = False
-            self._log.info("carrying out the restart asked for meanwhile")
-            self._nursery.start_soon(self._restart_quietly)
 
     def _cancel_accepting(self) -> None:
         for scope in self._accept_scopes:
@@ -848,7 +750,7 @@ class GracefulRestart:
             reader = LineReader(trio.socket.from_stdlib_socket(self._inheritance.channel.dup()))
             with reader.socket:
                 while line := await reader.receive_line():
-                    self._on_word(line.decode(errors="replace"))
+                    self._on_word(line)
             if self.keeper_pid is not None:
                 self._log.warning("the keeper %s is gone", self.keeper_pid)
                 return
@@ -864,22 +766,23 @@ class GracefulRestart:
                     name,
                 )
 
-    def _on_word(self, line: str) -> None:
-        command, _, argument = line.partition(" ")
-        if command == "main" and self.state is not State.STOPPED:
+    def _on_word(self, line: bytes) -> None:
+        command, argument = parse_word(line)
+        if command == MAIN and self.state is not State.STOPPED:
             self._log.info("handed the service: in charge")
-            self._inherit_history(argument)
+            if argument:  # the keeper keeps its own
+                self._inherit_history(argument)
             self._take_charge()
-        elif command == "pause" and self.state is State.SERVING:
+        elif command == PAUSE and self.state is State.SERVING:
             self._machine.advance(State.PROBATION)
             self._cancel_accepting()
             self._log.info(
                 "stopped accepting: the keeper's generation %s is on probation", argument
             )
-        elif command == "resume" and self.state is State.PROBATION:
+        elif command == RESUME and self.state is State.PROBATION:
             self._log.info("the keeper's new generation died: accepting again")
             self._machine.advance(State.SERVING)
-        elif command == "drain" and self.state in (State.SERVING, State.PROBATION):
+        elif command == DRAIN and self.state in (State.SERVING, State.PROBATION):
             self._log.info("the keeper handed over to %s", argument)
             self._handed_over = True
             self._machine.advance(State.DRAINING)
@@ -889,9 +792,10 @@ class GracefulRestart:
         """Set :attr:`_predecessor_exited` when it exits (at once if there is none)."""
         if self._inheritance is not None and self.keeper_pid is None:
             await trio.lowlevel.wait_readable(self._inheritance.pidfd)
-            if self._last_restart is not None:
-                since = time.time() - self._last_restart.get("requested_at", time.time())
-                self._last_restart["phases"]["old copy exited"] = round(since * 1000)
+            last = self._restarts.last
+            if last is not None:
+                since = time.time() - last.get("requested_at", time.time())
+                last["phases"]["old copy exited"] = round(since * 1000)
         self._predecessor_exited.set()
 
     async def _run_watchdog(self) -> None:
@@ -910,23 +814,11 @@ class GracefulRestart:
                 self._log.error(
                     "%s ignored: the keeper %d is gone", _signal_name(sig), self.keeper_pid
                 )
-        elif self.state is State.SERVING and self._in_charge.is_set():
-            self._nursery.start_soon(self._restart_quietly)
-        elif self.state in (State.RESTARTING, State.PROBATION) or (
-            self.state is State.SERVING and not self._in_charge.is_set()
-        ):
+        elif self.state is State.SERVING and not self._in_charge.is_set():
             self._log.info("%s: a restart will follow the one under way", _signal_name(sig))
-            self._restart_pending = True
+            self._restarts.pending = True  # carried out once in charge
         else:
-            self._log.info("%s ignored: %s", _signal_name(sig), self.state.value)
-
-    async def _restart_quietly(self, timeline: Timeline | None = None) -> None:
-        try:
-            await self._restart(timeline or Timeline("SIGHUP"))
-        except RestartUnavailableError as error:
-            self._log.info("restart signal ignored: %s", error)
-        except RestartError:
-            pass  # logged by restart()
+            self._restarts.request(Timeline(_signal_name(sig)))
 
     def _on_shutdown_signal(self, sig: int) -> None:
         self._shutdown_requests += 1
@@ -948,7 +840,7 @@ class GracefulRestart:
             "uptime_s": round(time.time() - self._started_at, 3),
             "leases": self._leases.count,
             "keeper": self.keeper_pid,
-            "successor": self._successor.pid if self._successor else None,
+            "successor": self._restarts.successor.pid if self._restarts.successor else None,
             "draining": (
                 [{"pid": predecessor, "role": "predecessor"}]
                 if predecessor and not self._predecessor_exited.is_set()
@@ -956,8 +848,8 @@ class GracefulRestart:
             ),
             "listeners": self._listeners.describe(),
             "pid_file_error": self._pid_file_error,
-            "restarts": dict(self._restarts),
-            "last_restart": self._last_restart,
+            "restarts": dict(self._restarts.counts),
+            "last_restart": self._restarts.last,
         }
 
     async def _serve_control(self) -> None:
@@ -968,7 +860,7 @@ class GracefulRestart:
 
     def _control_restart(self, timeline: Timeline) -> float:
         """For the control socket: start a restart marked on ``timeline``."""
-        self._nursery.start_soon(self._restart_quietly, timeline)
+        self._restarts.request(timeline)
         return self._options.ready_timeout + self._options.probation + EXIT_GRACE
 
     def _control_stop(self, immediate: bool) -> None:
@@ -986,26 +878,14 @@ class GracefulRestart:
         self._control = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         self._log.info("control socket at %s", path)
 
-    def _record(self, timeline: Timeline) -> None:
-        assert timeline.outcome is not None
-        self._restarts[timeline.outcome] += 1
-        self._last_restart = timeline.as_dict()
-        if timeline.outcome == "failed" and not self._handed_over:
-            self._write_pid_file()  # the outcome, for `graceful-restart restart --pid-file`
-
     def _inherit_history(self, argument: str) -> None:
         """The restart record and counts the predecessor handed on with ``main``."""
-        if not argument:  # the keeper keeps its own
-            return
         try:
-            history = json.loads(argument)
-            restarts = {str(k): int(v) for k, v in history["restarts"].items()}
-            last = history["last_restart"]
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
-            self._log.warning("the predecessor's restart history is unreadable: %r", error)
-            return
-        self._restarts.update(restarts)
-        self._last_restart = last if isinstance(last, dict) else None
+            counts, self._restarts.last = parse_history(argument)
+        except InheritanceError as error:
+            self._log.warning("from the predecessor: %s", error)
+        else:
+            self._restarts.counts.update(counts)
 
     def _notify(self, **fields: str | int) -> None:
         if self._notifier is not None:
@@ -1037,22 +917,12 @@ class GracefulRestart:
             # Never after a handover: the successor rewrites the file at about this time,
             # and a check-then-unlink here could remove its new file.
             remove_pid_file(self._options.pid_file, self._pid)
-        if self._successor is not None:
-            self._successor.close()
         if self._inheritance is not None:
             self._inheritance.channel.close()
             os.close(self._inheritance.pidfd)
         if self._notifier is not None:
             self._notifier.close()
         self._log.info("exiting (%d lease(s) left)", self._leases.count)
-
-
-def _plain_ready(line: bytes, fds: list[int]) -> None:
-    """A successor says a plain ``ready``, with nothing attached."""
-    for fd in fds:
-        os.close(fd)
-    if line != READY.strip() or fds:
-        raise InheritanceError(f"said {line[:200]!r} with {len(fds)} fd(s)")
 
 
 def _address(sock: socket.socket) -> str:
@@ -1062,10 +932,6 @@ def _address(sock: socket.socket) -> str:
 
 _CONTROL = "graceful-restart-control"
 """The control socket's name among the listeners handed over."""
-
-
-def _json(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _usec(seconds: float) -> int:

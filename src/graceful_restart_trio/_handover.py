@@ -76,14 +76,21 @@ import trio
 from ._exceptions import InheritanceError
 
 __all__ = [
+    "DRAIN",
     "ENV_VAR",
     "MAIN",
     "MAX_LINE",
+    "PAUSE",
     "READY",
+    "RESUME",
     "Inheritance",
     "LineReader",
     "encode",
+    "encode_word",
+    "parse_history",
+    "parse_plain_ready",
     "parse_ready",
+    "parse_word",
     "read_inheritance",
     "send_ready",
 ]
@@ -91,7 +98,15 @@ __all__ = [
 ENV_VAR = "GRACEFUL_RESTART_TRIO"
 VERSION = 1
 READY = b"ready\n"
-MAIN = b"main\n"
+MAIN = "main"
+"""To the successor: the handover is committed, it is in charge (with the restart
+history as JSON when the predecessor is a process)."""
+PAUSE = "pause"
+"""Keeper to the serving generation: a successor (pid) is on probation: stop accepting."""
+RESUME = "resume"
+"""Keeper to the serving generation: the successor died: accept again."""
+DRAIN = "drain"
+"""Keeper to the serving generation: the successor (pid) took over: drain."""
 MAX_LINE = 65536
 """The longest line (without its newline) a channel carries: far above any the library
 says (a ready line naming 253 listeners, ``main`` with the restart record), far below
@@ -280,6 +295,49 @@ def read_inheritance(environ: MutableMapping[str, str]) -> Inheritance | None:
         keeper=keeper,
         socket_files=frozenset(socket_files),
     )
+
+
+def encode_word(word: str, argument: object = None) -> bytes:
+    """One channel line: ``word``, then ``argument`` (a pid, or JSON for anything else)."""
+    if argument is None:
+        return f"{word}\n".encode()
+    text = (
+        str(argument) if isinstance(argument, int) else json.dumps(argument, separators=(",", ":"))
+    )
+    return f"{word} {text}\n".encode()
+
+
+def parse_word(line: bytes) -> tuple[str, str]:
+    """The word and the argument of a channel line (see :func:`encode_word`)."""
+    word, _, argument = line.decode(errors="replace").partition(" ")
+    return word, argument
+
+
+def parse_history(argument: str) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """The restart counts and the last restart a predecessor sent with ``main``.
+
+    Raises:
+        InheritanceError: it is not that.
+    """
+    try:
+        history = json.loads(argument)
+        counts = {str(k): int(v) for k, v in history["restarts"].items()}
+        last = history["last_restart"]
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise InheritanceError(f"the restart history is unreadable: {error!r}") from None
+    return counts, last if isinstance(last, dict) else None
+
+
+def parse_plain_ready(line: bytes, fds: list[int]) -> None:
+    """A successor of a process says a plain ``ready``, with nothing attached.
+
+    Raises:
+        InheritanceError: it said something else (the fds are closed either way).
+    """
+    for fd in fds:
+        os.close(fd)
+    if line != READY.strip() or fds:
+        raise InheritanceError(f"said {line[:200]!r} with {len(fds)} fd(s)")
 
 
 def send_ready(channel: socket.socket, listeners: list[tuple[str, int]] | None) -> None:

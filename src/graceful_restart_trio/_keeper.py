@@ -48,7 +48,7 @@ inherits, says ready with its sockets, follows ``pause``/``resume``/``drain``, a
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import ctypes
 import errno
 import logging
@@ -73,15 +73,15 @@ from ._exceptions import (
     SuccessorStartError,
     UsageError,
 )
-from ._handover import ENV_VAR, encode, parse_ready
+from ._handover import DRAIN, ENV_VAR, MAIN, PAUSE, RESUME, encode, encode_word, parse_ready
 from ._listeners import ListenerRegistry, describe_address
 from ._logging import PrefixLog
 from ._options import probation_seconds, ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
-from ._predecessor import Serving, hand_over
+from ._restart import FIRST_START, Launch, Restarts
 from ._signals import receive_signals
 from ._state import State, StateMachine
-from ._successor import Successor, startup_directory
+from ._successor import Successor
 from ._systemd import (
     Notifier,
     listen_sockets,
@@ -161,12 +161,12 @@ class Generation:
         if self.status is None:
             self.successor.send_signal(sig)
 
-    def tell(self, line: str) -> None:
-        """Write ``line`` on its channel (``main``, ``pause``, ``resume``, ``drain <pid>``)."""
+    def tell(self, word: str, pid: int | None = None) -> None:
+        """Say ``word`` on its channel (``main``, ``pause <pid>``, ``resume``, ``drain <pid>``)."""
         try:
-            os.write(self.successor.channel.fileno(), f"{line}\n".encode())
+            os.write(self.successor.channel.fileno(), encode_word(word, pid))
         except OSError as error:
-            logging.getLogger(LOGGER).warning("cannot tell %s %r: %s", self, line, error)
+            logging.getLogger(LOGGER).warning("cannot tell %s %r: %s", self, word, error)
 
     def reaped(self, status: int) -> None:
         """Record its exit status and wake whoever waits for it."""
@@ -257,16 +257,15 @@ class Keeper:
     """Names of the listeners systemd passed the keeper: their socket files are systemd's."""
     _generations: int = attrs.field(init=False, default=0)
     _stop_requests: int = attrs.field(init=False, default=0)
-    _restart_pending: bool = attrs.field(init=False, default=False)
     _start_failure: int | None = attrs.field(init=False, default=None)
-    _handover_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _stopped: trio.Event = attrs.field(init=False, factory=trio.Event)
     _started_at: float = attrs.field(init=False, factory=time.time)
     _control: ListenerRegistry | None = attrs.field(init=False, default=None)
-    _restarts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
-    _last_restart: dict[str, Any] | None = attrs.field(init=False, default=None)
-    _probation_ended: trio.Event = attrs.field(init=False, factory=trio.Event)
     _pid_file_error: str | None = attrs.field(init=False, default=None)
+    _restarts: Restarts = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._restarts = Restarts(self, self._pid, self._log)
 
     @property
     def state(self) -> State:
@@ -311,7 +310,7 @@ class Keeper:
             write_pid_file(self.pid_file, self._pid)  # at start, a failure is fatal
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery = self._restarts.nursery = nursery
                 handlers: dict[signal.Signals, Callable[[signal.Signals], None]] = {
                     signal.SIGHUP: self._on_restart_signal,
                     signal.SIGTERM: self._on_stop_signal,
@@ -338,90 +337,29 @@ class Keeper:
         return status
 
     async def _start_first(self) -> None:
-        try:
-            generation = await self._hand_over(None, Timeline("start"))
-        except Exception:  # a bug: the keeper stops, as if generation 1 never became ready
-            self._log.exception("starting generation 1 failed unexpectedly")
-            self._start_failure = 1
-            generation = None
-        if generation is None:
+        with contextlib.suppress(RestartError):  # logged, and recorded by _failed
+            await self._restarts.run(Timeline(FIRST_START))
+        if self._serving is None:
             self._begin_stop("generation 1 never became ready")
-        else:
-            self._notify(READY=1, STATUS=f"serving: {generation}")
 
     def _on_restart_signal(self, sig: signal.Signals) -> None:
-        self._begin_restart(Timeline(sig.name))
+        self._restarts.request(Timeline(sig.name))
 
-    def _begin_restart(self, timeline: Timeline) -> None:
-        why = timeline.trigger
-        if self._machine.state in (State.RESTARTING, State.PROBATION):
-            self._log.info("%s: a restart will follow the one under way", why)
-            self._restart_pending = True
-            timeline.finish("refused", "a restart is under way; another will follow it")
-        elif self._machine.state is not State.SERVING:
-            self._log.info("%s ignored: %s", why, self._machine.state.value)
-            timeline.finish("refused", f"the keeper is {self._machine.state.value}")
-        else:
-            self._machine.advance(State.RESTARTING)  # now: a burst of signals restarts once
-            self._tasks().start_soon(self._restart_surviving, timeline)
+    # The predecessor's part of the story (see _restart.Side), for the next generation:
+    # the serving generation is told what to do; the new one becomes a Generation.
 
-    async def _restart_surviving(self, timeline: Timeline) -> None:
-        try:
-            await self._restart(timeline)
-        except Exception as error:  # a bug must not take the keeper, and the application, down
-            self._log.exception("the restart failed unexpectedly; the keeper goes on")
-            timeline.finish("failed", f"unexpected error: {error!r}")
-            self._recover()
-        if timeline.outcome in ("committed", "failed"):
-            self._restarts[timeline.outcome] += 1
-            self._last_restart = timeline.as_dict()
-            self._write_pid_file()
+    def _why_not(self) -> str | None:
+        return None if self.state is State.SERVING else f"the keeper is {self.state.value}"
 
-    def _recover(self) -> None:
-        """After an unexpected error in a restart: the serving generation serves on."""
-        if self.state in (State.RESTARTING, State.PROBATION):
-            if self.state is State.PROBATION and self._old is not None:
-                self._old.tell("resume")
-            self._machine.advance(State.SERVING)
-            self._notify(READY=1, STATUS=f"serving: {self._serving}; restart failed")
-        self._old = self._new = None
-        if self._restart_pending:
-            self._restart_pending = False
-            self._on_restart_signal(signal.SIGHUP)
-
-    async def _restart(self, timeline: Timeline) -> None:
+    def _begin(self, timeline: Timeline) -> Launch:
         old = self._serving
-        assert old is not None
-        self._log.info("restart requested: %s serves, starting its successor", old)
-        self._notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="restarting")
-        new = await self._hand_over(old, timeline)
-        if new is not None:
-            timeline.mark("draining", generation=old.number, pid=old.pid)
-            timeline.finish("committed")
-        if self.state in (State.DRAINING, State.STOPPED):
-            return  # stopping: every generation was told
-        if new is None:
-            if old.status is not None:
-                self._stop_by_itself(old)
-                return
-            if self.state is State.RESTARTING:  # not ready: the old one never paused
-                self._machine.advance(State.SERVING)
-            self._notify(READY=1, STATUS=f"serving: {old}; restart failed")
-            self._log.error("restart failed: %s serves on", old)
-        else:
-            self._notify(READY=1, STATUS=f"serving: {new}")
-        if self._restart_pending:
-            self._restart_pending = False
-            self._log.info("carrying out the restart asked for during the last one")
-            self._on_restart_signal(signal.SIGHUP)
-
-    async def _hand_over(self, old: Generation | None, timeline: Timeline) -> Generation | None:
-        """The predecessor's story for the next generation; None if it did not take over."""
-        number = self._generations + 1
-        self._generations = number
+        self._generations += 1
         self._old, self._new = old, None
+        if old is not None:
+            self._machine.advance(State.RESTARTING)
+            self._log.info("restart requested: %s serves, starting its successor", old)
+            self._notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="restarting")
         env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
-        names = [name for name, _ in self._listeners]
         # A unix socket file is the application's to remove on the final stop, unless
         # systemd made it: say which, as a predecessor does.
         ours = [
@@ -429,71 +367,23 @@ class Keeper:
             for name, sock in self._listeners
             if sock.family == socket.AF_UNIX and name not in self._systemds
         ]
+        names = [name for name, _ in self._listeners]
         env[ENV_VAR] = encode(
-            number, old.pid if old else None, names, keeper=self._pid, socket_files=ours
+            self._generations, old.pid if old else None, names, keeper=self._pid, socket_files=ours
         )
-        self._probation_ended = trio.Event()
-        serving = Serving(
-            self._pause, self._resume, self._commit, self._retire, ended=self._probation_ended
+        return Launch(
+            command=self.command,
+            env=env,
+            sockets=[sock.fileno() for _, sock in self._listeners],
+            ready_timeout=self.ready_timeout,
+            probation=self.probation if old else 0.0,
+            accept_ready=self._accept_ready,
+            label=f"generation {self._generations} pid {{}}",
         )
-        try:
-            me = os.pidfd_open(self._pid)
-        except OSError as error:
-            self._log.error("generation %d: cannot open a pidfd for the keeper: %s", number, error)
-            timeline.finish("failed", f"cannot open a pidfd for the keeper: {error}")
-            return None
-        self._handover_scope = trio.CancelScope()
-        try:
-            with self._handover_scope:
-                _, listeners = await hand_over(
-                    serving,
-                    self.command,
-                    env=env,
-                    cwd=startup_directory(),
-                    fds=[me, *(sock.fileno() for _, sock in self._listeners)],
-                    ready_timeout=self.ready_timeout,
-                    probation=self.probation if old else 0.0,
-                    log=self._log,
-                    accept_ready=self._accept_ready,
-                    timeline=timeline,
-                    label=f"generation {number} pid {{}}",
-                )
-                return self._took_over(listeners)
-        except SuccessorStartError as error:
-            self._log.error("generation %d: %s", number, error)
-            timeline.finish("failed", str(error))
-            if old is None:
-                self._start_failure = 127 if error.errno == errno.ENOENT else 126
-        except RestartError as error:
-            self._log.warning("generation %d: %s", number, error)
-            timeline.finish("failed", str(error))
-            if old is None and isinstance(error, SuccessorExitedError):
-                self._start_failure = _exit_code(error.returncode or 0)
-        finally:
-            self._handover_scope = None
-            os.close(me)
-            if self._offered is not self._listeners:  # it did not take over: drop them
-                _close_listeners(self._offered)
-            self._offered = []
-        timeline.finish("failed", f"abandoned: the keeper is {self.state.value}")  # unless done
-        return None  # failed, or abandoned: a stop came
 
     def _accept_ready(self, line: bytes, fds: list[int]) -> Listeners:
         self._offered = _ready_listeners(line, fds)
         return self._offered
-
-    def _took_over(self, listeners: Listeners) -> Generation:
-        generation = self._new
-        assert generation is not None
-        _close_listeners(self._listeners)
-        self._listeners = listeners
-        self._log.info("%s serving with %d listener(s)", generation, len(listeners))
-        if self._notifier is not None and (self.fd_store or "FDSTORE" in os.environ):
-            store_fds(self._notifier, [(name, sock.fileno()) for name, sock in listeners])
-        return generation
-
-    # The serving side of the predecessor's story (see _predecessor.Serving): the serving
-    # generation is told what to do; the new one becomes a Generation.
 
     def _adopt(self, successor: Successor) -> Generation:
         """From now on it is ours to reap (once the launcher lets it go) and to stop."""
@@ -507,26 +397,64 @@ class Keeper:
         self._adopt(successor)
         if self._old is not None:
             self._machine.advance(State.PROBATION)
-            self._old.tell(f"pause {successor.pid}")
+            self._old.tell(PAUSE, successor.pid)
 
-    def _resume(self, _error: Exception) -> None:
+    def _resume(self, error: SuccessorExitedError) -> None:
         if self._new is not None and self._new.successor.has_exited():
             self._live.pop(self._new.pid, None)  # the launcher reaped it
             self._new = None
         if self._old is not None and self.state is State.PROBATION:
             self._machine.advance(State.SERVING)
-            self._old.tell("resume")
+            self._old.tell(RESUME)
 
-    def _commit(self, successor: Successor) -> None:
+    def _commit(self, successor: Successor, ready: Listeners, timeline: Timeline) -> None:
         if self.state not in (State.STARTING, State.PROBATION):
             raise RestartError(f"abandoned: the keeper is {self.state.value}")
-        assert self._new is not None  # adopted when it paused the old one
-        self._serving = self._new
+        new = self._new
+        assert new is not None  # adopted when it paused the old one
+        self._serving = new
         self._machine.advance(State.SERVING)
-        self._new.tell("main")
+        new.tell(MAIN)
+        _close_listeners(self._listeners)
+        self._listeners = ready
+        self._log.info("%s serving with %d listener(s)", new, len(ready))
+        if self._notifier is not None and (self.fd_store or "FDSTORE" in os.environ):
+            store_fds(self._notifier, [(name, sock.fileno()) for name, sock in ready])
         if self._old is not None:
-            self._old.tell(f"drain {successor.pid}")
-            self._log.info("handed over from %s to %s", self._old, self._new)
+            self._old.tell(DRAIN, successor.pid)
+            self._log.info("handed over from %s to %s", self._old, new)
+            timeline.mark("draining", generation=self._old.number, pid=self._old.pid)
+        self._notify(READY=1, STATUS=f"serving: {new}")
+
+    def _failed(self, error: RestartError) -> None:
+        old = self._old
+        self._old = self._new = None
+        if self.state in (State.DRAINING, State.STOPPED):
+            return  # stopping: every generation was told
+        self._log.error("generation %d: %s", self._generations, error)
+        if old is None:  # generation 1: the keeper exits as a shell would
+            if isinstance(error, SuccessorStartError):
+                self._start_failure = 127 if error.errno == errno.ENOENT else 126
+            elif isinstance(error, SuccessorExitedError):
+                self._start_failure = _exit_code(error.returncode or 0)
+            else:
+                self._start_failure = 1
+        elif old.status is not None:
+            self._stop_by_itself(old)
+        elif self.state in (State.RESTARTING, State.PROBATION):
+            if self.state is State.PROBATION:  # an error after the pause
+                old.tell(RESUME)
+            self._machine.advance(State.SERVING)
+        if old is not None and old.status is None and self.state is State.SERVING:
+            self._notify(READY=1, STATUS=f"serving: {old}; restart failed")
+            self._log.error("restart failed: %s serves on", old)
+
+    def _recorded(self, timeline: Timeline) -> None:
+        if self._offered is not self._listeners:  # it did not take over: drop them
+            _close_listeners(self._offered)
+        self._offered = []
+        if timeline.trigger != FIRST_START:
+            self._write_pid_file()
 
     def _retire(self, successor: Successor, ask: bool) -> None:
         # A stop abandoned the restart (and tells every live generation), an error did,
@@ -576,9 +504,8 @@ class Keeper:
             self._machine.advance(State.DRAINING)
             self._notify(STOPPING=1, STATUS=f"stopping: {reason}")
             self._log.info("stopping: %s", reason)
-            if self._handover_scope is not None:
+            if self._restarts.abandon():
                 self._log.info("abandoning the restart under way")
-                self._handover_scope.cancel()
         self._check_stopped()
 
     def _check_stopped(self) -> None:
@@ -617,7 +544,7 @@ class Keeper:
                 "the serving %s exited during the probation: committing early; no fallback",
                 generation,
             )
-            self._probation_ended.set()
+            self._restarts.cut_probation()
         elif generation is self._serving:
             self._log.warning("the serving %s exited during a restart", generation)
 
@@ -652,7 +579,7 @@ class Keeper:
         if self.pid_file is None:
             return
         try:
-            write_pid_file(self.pid_file, self._pid, self._last_restart)
+            write_pid_file(self.pid_file, self._pid, self._restarts.last)
         except PidFileError as error:
             self._pid_file_error = str(error)
             self._log.warning("%s; the keeper goes on without it", error)
@@ -698,14 +625,14 @@ class Keeper:
             "listeners": [
                 {"name": name, "address": describe_address(sock)} for name, sock in self._listeners
             ],
-            "restarts": dict(self._restarts),
-            "last_restart": self._last_restart,
+            "restarts": dict(self._restarts.counts),
+            "last_restart": self._restarts.last,
             "pid_file_error": self._pid_file_error,
         }
 
     def _control_restart(self, timeline: Timeline) -> float:
         """For the control socket: start a restart marked on ``timeline``."""
-        self._begin_restart(timeline)
+        self._restarts.request(timeline)
         return self.ready_timeout + self.probation + 5.0
 
     def _control_stop(self, immediate: bool) -> None:

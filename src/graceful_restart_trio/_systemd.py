@@ -30,6 +30,8 @@ import trio
 from ._exceptions import InheritanceError, SocketActivationError
 
 __all__ = [
+    "ACTIVATION_VARIABLES",
+    "WATCHDOG_VARIABLES",
     "InheritedSocket",
     "Notifier",
     "listen_fds",
@@ -45,7 +47,9 @@ __all__ = [
 _logger = logging.getLogger("graceful_restart_trio")
 
 _LISTEN_FDS_START = 3
-_LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
+ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID")
+"""Socket activation's variables: meant for one pid, never passed on."""
+WATCHDOG_VARIABLES = ("WATCHDOG_USEC", "WATCHDOG_PID")
 _MAX_FD_NAME_LENGTH = 255
 
 
@@ -220,7 +224,7 @@ def listen_fds(environ: MutableMapping[str, str], pid: int) -> list[InheritedSoc
         except OSError as exc:
             raise SocketActivationError(f"LISTEN_FDS={count} but fd {fd} is not open") from exc
 
-    for variable in _LISTEN_VARIABLES:
+    for variable in ACTIVATION_VARIABLES:
         environ.pop(variable, None)
     for fd in fds:
         os.set_inheritable(fd, False)
