@@ -330,3 +330,18 @@ def test_the_keepers_help_names_the_command_it_was_run_as() -> None:
         check=True,
     )
     assert alone.stdout.startswith("usage: graceful-restart-keeper [--pid-file F]")
+
+
+def test_the_help_is_plain_text_with_an_example_of_each_command() -> None:
+    """``graceful-restart --help`` has no reStructuredText markup, and shows each command."""
+    answer = cli("--help")
+    assert answer.returncode == 0, answer
+    assert "``" not in answer.stdout
+    assert "::" not in answer.stdout
+    description = answer.stdout.split("\n\n")[1]
+    assert (
+        description
+        == "Restart, inspect and stop a running graceful_restart_trio server from a shell."
+    )
+    for command in ("restart", "status", "stop", "keeper"):
+        assert f"\n  graceful-restart {command} " in answer.stdout

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import socket
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from graceful_restart_trio import Options, State, UsageError
 from graceful_restart_trio._pidfile import write_pid_file
 from graceful_restart_trio._state import TRANSITIONS, StateMachine
 
-from .conftest import SERVER, children
+from .conftest import ROOT, SERVER, children
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -547,3 +549,21 @@ async def test_a_busy_unix_listener_is_detected_without_blocking(tmp_path: Path)
         finally:
             for client in queued:
                 client.close()
+
+
+# -- the public namespace ------------------------------------------------------------------
+
+
+def test_every_public_name_is_in_the_api_summary_and_nothing_else_is_public() -> None:
+    """``dir(graceful_restart_trio)`` holds only the API (no ``annotations``), each name in
+    docs/api.md's summary table."""
+    names = [
+        name
+        for name in dir(graceful_restart)
+        if not name.startswith("_")
+        and not isinstance(getattr(graceful_restart, name), types.ModuleType)  # asgi, cli...
+    ]
+    assert "annotations" not in names
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    summarised = [name for name in names if re.search(rf"^\| `{name}(\(\))?` \|", api, re.M)]
+    assert summarised == names

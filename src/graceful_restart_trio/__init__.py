@@ -17,8 +17,6 @@ code, new config) without refusing, resetting or cutting short a client connecti
 then drains this one; ``kill -TERM`` drains and exits. See the documentation in ``docs/``.
 """
 
-from __future__ import annotations
-
 from ._exceptions import GracefulRestartError as GracefulRestartError
 from ._exceptions import InheritanceError as InheritanceError
 from ._exceptions import ListenerError as ListenerError

@@ -27,20 +27,23 @@ It says ``started <pid>`` with a pidfd of the successor (``SCM_RIGHTS``), or ``f
 :func:`os.waitstatus_to_exitcode` gives it) when the successor exits first. Then it kills
 whatever the successor left and exits.
 
-It runs as ``python -I -S -c <this file's text>``, read when the library was imported, so
-that a deploy which replaced or removed the library's files cannot break a restart.
+It runs as ``python -I -S /proc/self/fd/<N> graceful-restart-launcher <cwd> <fds>
+<command>...``, ``<N>`` being a memfd that holds this file's text, read when the library
+was imported: a deploy which replaced or removed the library's files cannot break a
+restart, and ``ps`` shows a short line that names the launcher and the command it starts.
 
-Arguments: the JSON list ``[cwd, fds, command...]``, ``fds`` being how many file
-descriptors the successor gets. File descriptors: 3 is its channel to the
-predecessor; 4, 5, ... become the successor's 3, 4, ... . The environment is the
-successor's.
+Arguments: the label ``graceful-restart-launcher`` (for people reading ``ps``), the
+successor's working directory, ``fds`` (how many file descriptors the successor gets), and
+the successor's command. File descriptors: 3 is the channel to the predecessor; 4, 5, ...
+become the successor's 3, 4, ... ; the last, ``4 + fds``, is the memfd this file was read
+from, kept open (close-on-exec) so that a traceback can quote its lines. The environment
+is the successor's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import select
 import signal
@@ -57,7 +60,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 def _spawn(cwd: str, command: list[str], fds: int) -> int:
     """Start ``command`` in a new session with our fds 4.. at 3.. and defaults for signals."""
-    for fd in range(CONTROL_FD, CONTROL_FD + 1 + fds):
+    for fd in range(CONTROL_FD, CONTROL_FD + 2 + fds):  # the channel, theirs, our text
         os.set_inheritable(fd, False)
     # Shifting down by one in ascending order never overwrites a source not yet copied;
     # dup2 clears close-on-exec on its target.
@@ -126,7 +129,8 @@ def _say(control: socket.socket, line: str, fds: list[int] | None = None) -> Non
 
 def main() -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # first: a restart signal must not kill us
-    cwd, fds, *command = json.loads(sys.argv[1])
+    _label, cwd, count, *command = sys.argv[1:]
+    fds = int(count)
     control = socket.socket(fileno=CONTROL_FD)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

@@ -17,8 +17,8 @@ sees to it), so that a ``SIGHUP`` arriving before its handler is installed canno
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import json
 import os
 import select
 import signal
@@ -124,19 +124,29 @@ class Successor:
         Raises:
             SuccessorStartError: the launcher or the command could not be started.
         """
-        arguments = json.dumps([cwd, 1 + len(fds), *command])
-        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER_SOURCE, arguments]
+        # The launcher's text goes through a memfd, its last fd (see _launcher), so that
+        # its command line is short: python -I -S /proc/self/fd/N graceful-restart-launcher
+        launcher = [
+            *(sys.executable, "-I", "-S", f"/proc/self/fd/{FIRST_FD + 2 + len(fds)}"),
+            *("graceful-restart-launcher", cwd, str(1 + len(fds)), *command),
+        ]
         opened: list[socket.socket] = []
+        text = -1
         try:
+            text = _launcher_text()
             control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             opened += [control, control_theirs]
             channel, channel_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             opened += [channel, channel_theirs]
-            pid = _spawn(launcher, env, [control_theirs.fileno(), channel_theirs.fileno(), *fds])
+            theirs = [control_theirs.fileno(), channel_theirs.fileno(), *fds, text]
+            pid = _spawn(launcher, env, theirs)
         except OSError as error:
             for sock in opened:
                 sock.close()
             raise SuccessorStartError(f"cannot start {sys.executable!r}: {error}") from error
+        finally:
+            if text >= 0:
+                os.close(text)
         try:
             launcher_pidfd = os.pidfd_open(pid)  # our unreaped child: it cannot be another
         except OSError as error:  # out of fds: have it kill what it started, and reap it
@@ -322,6 +332,32 @@ def _reap(pid: int, pidfd: int) -> None:
     with contextlib.suppress(ChildProcessError):  # the keeper reaps every child it has
         os.waitpid(pid, 0)
     os.close(pidfd)
+
+
+_MFD_NOEXEC_SEAL = 0x0008
+"""Linux 6.3+: a memfd that can never be executed (``vm.memfd_noexec=2`` demands it)."""
+
+
+def _launcher_text() -> int:
+    """A memfd holding the launcher's text, for the launcher's interpreter to read.
+
+    Raises:
+        OSError: it cannot be made.
+    """
+    for flags in (os.MFD_CLOEXEC | _MFD_NOEXEC_SEAL, os.MFD_CLOEXEC):
+        try:
+            fd = os.memfd_create("graceful-restart-launcher", flags)
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # EINVAL: a kernel before 6.3
+                raise
+            continue
+        try:
+            os.write(fd, LAUNCHER_SOURCE.encode())  # a tmpfs file: all of it, or an error
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    raise OSError(errno.EINVAL, "memfd_create refused every flag")
 
 
 def _inheritable_fds() -> list[int]:

@@ -78,9 +78,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+DESCRIPTION = "Restart, inspect and stop a running graceful_restart_trio server from a shell."
+EPILOG = """\
+examples:
+  graceful-restart restart --control /run/app/control   # waits for the outcome
+  graceful-restart restart --pid-file /run/app.pid      # no control socket: SIGHUP
+  graceful-restart status --control /run/app/control [--json | --prometheus]
+  graceful-restart stop --control /run/app/control [--immediate]
+  graceful-restart stop --pid-file /run/app.pid [--immediate]   # SIGTERM
+  graceful-restart keeper [keeper options] -- python -m app
+
+restart prints each phase as it happens and ends with the new pid, or with the reason it
+failed. stop waits until the server has drained and exited.
+
+exit status: 0 done; 1 the command failed (a failed restart, or --timeout passed);
+2 the server cannot be reached, or the pid file names a process that is not the server.
+"""
+"""``--help``'s text: plain text, where the module docstring is reStructuredText."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="graceful-restart", description=__doc__.split("\n\n")[0] if __doc__ else None
+        prog="graceful-restart",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     restart = commands.add_parser("restart", help="restart the server and wait for the outcome")
