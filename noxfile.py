@@ -88,3 +88,9 @@ def bench(session: nox.Session) -> None:
     for script in [*scripts, "probation_cost", "http_restarts"]:
         session.run("python", f"benchmarks/{script}.py", *session.posargs)
     session.run("python", "benchmarks/server_throughput.py", "--pair", "asgi", *session.posargs)
+    # The HTTP/1.1 paths side by side under wrk (a Debian package); see benchmarks/README.md.
+    if shutil.which("wrk") is None:
+        session.log("skipping --compare http1: wrk is not installed (apt-get install wrk)")
+    else:
+        compare = ["--compare", "http1", *session.posargs]
+        session.run("python", "benchmarks/server_throughput.py", *compare)

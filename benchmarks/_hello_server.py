@@ -7,17 +7,22 @@ Two variants of the same trio + h11 connection handler:
   ``gr.serve_listeners`` (one lease per connection) and ``async with gr.lease():`` around
   each request as well.
 
-And two of the same ASGI app on hypercorn's protocol code:
+And three of the same ASGI app:
 
 - ``hypercorn``: ``hypercorn.trio.serve``, no library at all;
-- ``asgi``: under ``graceful_restart_trio.open()``, ``graceful_restart_trio.asgi.serve``.
+- ``asgi``: under ``graceful_restart_trio.open()``, ``graceful_restart_trio.asgi.serve``
+  (HTTP/1.1 on the library's httptools connection, its default);
+- ``asgi-hypercorn``: the same with ``http1="hypercorn"`` (hypercorn's h11 code).
+
+(uvicorn, for comparison, runs from ``_uvicorn_server.py``: it needs no trio.)
 
 Binds port 0 on 127.0.0.1 and prints the port on stdout (one line) once listening.
 SIGTERM stops it: ``plain`` cancels at once, ``leased`` lets the library drain.
 
 Usage::
 
-    python benchmarks/_hello_server.py --variant plain|leased|hypercorn|asgi [--cpu N]
+    python benchmarks/_hello_server.py --variant plain|leased|hypercorn|asgi|asgi-hypercorn
+        [--cpu N]
 """
 
 from __future__ import annotations
@@ -171,20 +176,22 @@ async def serve_hypercorn() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def serve_asgi(drain_timeout: float) -> None:
+async def serve_asgi(drain_timeout: float, http1: str = "httptools") -> None:
     import graceful_restart_trio as graceful_restart  # noqa: PLC0415
     from graceful_restart_trio import asgi  # noqa: PLC0415
 
     async with graceful_restart.open(drain_timeout=drain_timeout) as gr:
         listeners = await gr.open_tcp_listeners(0, host=HOST)
         announce(listeners)
-        await asgi.serve(gr, hello_app, listeners)
+        await asgi.serve(gr, hello_app, listeners, http1=cast(asgi.HTTP1, http1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="hello-world HTTP server for benchmarks")
     parser.add_argument(
-        "--variant", choices=["plain", "leased", "hypercorn", "asgi"], required=True
+        "--variant",
+        choices=["plain", "leased", "hypercorn", "asgi", "asgi-hypercorn"],
+        required=True,
     )
     parser.add_argument(
         "--drain-timeout", type=float, default=2.0, help="leased: drain bound (default 2 s)"
@@ -199,6 +206,8 @@ def main() -> None:
         trio.run(serve_leased, args.drain_timeout)
     elif args.variant == "hypercorn":
         trio.run(serve_hypercorn)
+    elif args.variant == "asgi-hypercorn":
+        trio.run(serve_asgi, args.drain_timeout, "hypercorn")
     else:
         trio.run(serve_asgi, args.drain_timeout)
     sys.stdout.flush()

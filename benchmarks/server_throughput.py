@@ -18,11 +18,21 @@ load generator are pinned to different CPUs (``--no-pin`` to turn off). Reported
 requests/s per variant (median, min, max) and leased/plain as the median of the per-round
 ratios. Target: >= 98 %.
 
+``--compare http1`` measures the HTTP layer instead: the same ASGI hello app on
+``asgi.serve``'s default path (the library's httptools connection), on its hypercorn
+path (``http1="hypercorn"``) and on uvicorn ``[standard]`` with one worker (httptools +
+uvloop; ``--uvicorn-python`` names an interpreter that has it), rounds rotating the
+order. Reported: each server's requests/s and the per-round ratios of the new path to
+uvicorn (target >= 0.6) and to hypercorn's path (target >= 8). ``--new-connections``
+makes every request a new connection (wrk with ``Connection: close``).
+
 Usage::
 
     python benchmarks/server_throughput.py [--pair h11|asgi] [--rounds 8] [--duration 2]
         [--connections 16] [--load-generator auto|wrk|python] [--fresh-servers] [--no-pin]
         [--json out.json]
+    python benchmarks/server_throughput.py --compare http1 [--uvicorn-python PATH]
+        [--new-connections] [--rounds 6] [--duration 4] [--connections 64]
 """
 
 from __future__ import annotations
@@ -64,6 +74,10 @@ PAIRS = {
 }
 """``--pair``: the server variant (``_hello_server.py --variant``) playing each role."""
 TARGET_RATIO = 0.98
+HTTP1_VARIANTS = ("asgi", "asgi-hypercorn", "uvicorn")
+"""``--compare http1``: the new path, hypercorn's path, uvicorn."""
+HTTP1_TARGETS = {"uvicorn": 0.6, "asgi-hypercorn": 8.0}
+"""The new path's throughput over each other server's: the acceptance of issue 21."""
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 SCHEDSTAT = Path("/proc/self/schedstat").exists()  # on-CPU ns per thread
@@ -91,14 +105,21 @@ def read_port(proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> int:
 
 
 def check_hello(port: int) -> None:
-    """One request by hand: the server answers 200 "hello"."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=5)
-    try:
-        conn.request("GET", "/")
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
+    """One request by hand: the server answers 200 "hello" (retried while refused)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        conn = http.client.HTTPConnection(HOST, port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read()
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        finally:
+            conn.close()
     if response.status != 200 or body != b"hello":
         raise BenchmarkError(f"unexpected answer {response.status} {body!r}")
 
@@ -135,11 +156,21 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
+def server_command(variant: str, pair: str, uvicorn_python: str | None) -> list[str]:
+    """How to start the server playing ``variant``."""
+    if variant == "uvicorn":
+        assert uvicorn_python is not None
+        return [uvicorn_python, str(HERE / "_uvicorn_server.py")]
+    server = PAIRS[pair].get(variant, variant)
+    return [sys.executable, str(HERE / "_hello_server.py"), "--variant", server]
+
+
 @contextlib.contextmanager
-def running_server(variant: str, cpu: int | None, pair: str) -> Iterator[Server]:
+def running_server(
+    variant: str, cpu: int | None, pair: str, uvicorn_python: str | None = None
+) -> Iterator[Server]:
     """A fresh server of ``variant``; always stopped and reaped."""
-    server = PAIRS[pair][variant]
-    command = [sys.executable, str(HERE / "_hello_server.py"), "--variant", server]
+    command = server_command(variant, pair, uvicorn_python)
     if cpu is not None:
         command += ["--cpu", str(cpu)]
     with tempfile.TemporaryFile() as stderr:
@@ -157,21 +188,26 @@ def running_server(variant: str, cpu: int | None, pair: str) -> Iterator[Server]
             status = stop(proc)
             assert proc.stdout is not None
             proc.stdout.close()
-        if status != 0:
+        # uvicorn re-raises the SIGTERM it handled once it has shut down
+        if status != 0 and not (variant == "uvicorn" and status == -signal.SIGTERM):
             stderr.seek(0)
             raise BenchmarkError(
                 f"{variant} server exited with {status}:\n{stderr.read().decode()[-2000:]}"
             )
 
 
-def run_wrk(port: int, connections: int, duration: int, cpu: int | None) -> dict[str, float]:
+def run_wrk(
+    port: int, connections: int, duration: int, cpu: int | None, new_connections: bool = False
+) -> dict[str, float]:
     """Requests/s and errors as wrk reports them."""
     taskset = shutil.which("taskset")
     pin = [taskset, "-c", str(cpu)] if cpu is not None and taskset else []
+    close = ["-H", "Connection: close"] if new_connections else []
     result = subprocess.run(
         [
             *pin,
             "wrk",
+            *close,
             "-t1",
             f"-c{connections}",
             f"-d{duration}s",
@@ -403,6 +439,102 @@ def report(rounds: list[dict[str, object]], result: dict[str, object]) -> str:
     return f"{summary_table}\n\n{rounds_table}\n\n{verdict}"
 
 
+def measure_http1(args: argparse.Namespace) -> list[dict[str, object]]:
+    """``--compare http1``: one record per round, each server measured once, the order
+    rotating each round; wrk with ``Connection: close`` under ``--new-connections``."""
+    server_cpu, client_cpu = pinning(args.pin)
+    variants = [v for v in HTTP1_VARIANTS if v != "uvicorn" or args.uvicorn_python]
+
+    def load(port: int, connections: int, duration: int, cpu: int | None) -> dict[str, float]:
+        return run_wrk(port, connections, duration, cpu, args.new_connections)
+
+    rounds: list[dict[str, object]] = []
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for variant in variants:
+            servers[variant] = stack.enter_context(
+                running_server(variant, server_cpu, "asgi", args.uvicorn_python)
+            )
+            if args.warmup:
+                load(servers[variant].port, args.connections, args.warmup, client_cpu)
+        for number in range(args.rounds):
+            shift = number % len(variants)
+            order = variants[shift:] + variants[:shift]
+            record: dict[str, object] = {"round": number + 1, "order": "/".join(order)}
+            for variant in order:
+                measured = timed_load(servers[variant], load, args, client_cpu)
+                record[variant] = measured
+                print(
+                    f"round {number + 1}/{args.rounds} {variant}: "
+                    f"{measured['requests_per_second']:.0f} req/s, "
+                    f"{measured['server_cpu_us_per_request']:.1f} server CPU-µs/request",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            rounds.append(record)
+    return rounds
+
+
+def report_http1(rounds: list[dict[str, object]]) -> tuple[str, dict[str, object]]:
+    """The per-server table, the per-round ratios of the new path, and the verdicts."""
+    rps, cpu = "requests_per_second", "server_cpu_us_per_request"
+    variants = [v for v in HTTP1_VARIANTS if v in rounds[0]]
+    per_variant = {v: summary([field(r, v, rps) for r in rounds]) for v in variants}
+    cpu_per_variant = {v: summary([field(r, v, cpu) for r in rounds]) for v in variants}
+    ratios = {
+        other: [field(r, "asgi", rps) / field(r, other, rps) for r in rounds]
+        for other in variants
+        if other != "asgi"
+    }
+    names = {
+        "asgi": "asgi.serve, httptools path (default)",
+        "asgi-hypercorn": 'asgi.serve, http1="hypercorn"',
+        "uvicorn": "uvicorn [standard], 1 worker",
+    }
+    table = markdown_table(
+        ["server", "median req/s", "min req/s", "max req/s", "median server CPU µs/request"],
+        [
+            [
+                names[v],
+                round(s["median"]),
+                round(s["min"]),
+                round(s["max"]),
+                round(cpu_per_variant[v]["median"], 1),
+            ]
+            for v, s in per_variant.items()
+        ],
+    )
+    lines = []
+    for other, values in ratios.items():
+        target = HTTP1_TARGETS[other]
+        median = statistics.median(values)
+        lines.append(
+            f"- New path / {names[other]}: median of per-round ratios **{median:.2f}** "
+            f"(min {min(values):.2f}, max {max(values):.2f}); target >= {target:g}: "
+            f"{'met' if median >= target else 'NOT met'}."
+        )
+    errors = sum(field(r, v, "errors") for r in rounds for v in variants)
+    lines.append(f"- Errors (socket errors + non-2xx) over all runs: {errors:.0f}.")
+    result: dict[str, object] = {
+        "requests_per_second": per_variant,
+        "server_cpu_us_per_request": cpu_per_variant,
+        "ratios_of_new_path": dict(ratios),
+        "errors": errors,
+    }
+    return f"{table}\n\n" + "\n".join(lines), result
+
+
+def default_uvicorn_python() -> str | None:
+    """This interpreter if it has uvicorn, else None (uvicorn is then left out)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import uvicorn, httptools, uvloop"],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    return sys.executable if found.returncode == 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=8, help="rounds, ABBA order (default 8)")
@@ -439,6 +571,22 @@ def main() -> None:
         help="h11: the trio + h11 handler, plain vs leased; asgi: the same ASGI app on "
         "hypercorn.trio.serve (as 'plain') vs graceful_restart_trio.asgi.serve (as 'leased')",
     )
+    parser.add_argument(
+        "--compare",
+        choices=["http1"],
+        help="http1: the new HTTP/1.1 path vs hypercorn's path vs uvicorn (needs wrk)",
+    )
+    parser.add_argument(
+        "--uvicorn-python",
+        metavar="PATH",
+        help="--compare http1: a Python with uvicorn[standard] (default: this one if it "
+        "has it, else uvicorn is left out)",
+    )
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="--compare http1: a new connection per request (Connection: close)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     if args.rounds < 1 or args.duration < 1 or args.warmup < 0 or args.connections < 1:
@@ -449,6 +597,9 @@ def main() -> None:
     elif generator == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk), use --load-generator python")
 
+    if args.compare == "http1":
+        compare_http1(args, parser)
+        return
     env = environment()
     env["load_generator"] = (
         f"{wrk_version()} (-t1)" if generator == "wrk" else "benchmarks/_load_client.py (trio)"
@@ -473,6 +624,37 @@ def main() -> None:
         write_json(
             args.json,
             {"benchmark": "server_throughput", "environment": env, "rounds": rounds, **result},
+        )
+
+
+def compare_http1(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--compare http1``: measure, print the report, write the JSON."""
+    if not shutil.which("wrk"):
+        parser.error("--compare http1 needs wrk (apt-get install wrk)")
+    args.uvicorn_python = args.uvicorn_python or default_uvicorn_python()
+    env = environment()
+    env["load_generator"] = f"{wrk_version()} (-t1)"
+    env["httptools"] = package_version("httptools")
+    env["hypercorn"] = package_version("hypercorn")
+    if args.uvicorn_python:
+        env["uvicorn"] = package_version("uvicorn", args.uvicorn_python)
+    env["settings"] = (
+        f"{args.rounds} rounds x {args.duration} s per server, {args.warmup} s warm-up, "
+        f"{args.connections} connections, "
+        + ("a new connection per request" if args.new_connections else "keep-alive")
+    )
+    server_cpu, client_cpu = pinning(args.pin)
+    env["pinning"] = (
+        f"server on CPU {server_cpu}, wrk on CPU {client_cpu}" if server_cpu is not None else "none"
+    )
+    rounds = measure_http1(args)
+    text, result = report_http1(rounds)
+    print(f"## HTTP/1.1 layer throughput\n\n{environment_lines(env)}\n")
+    print(text)
+    if args.json:
+        write_json(
+            args.json,
+            {"benchmark": "http1_throughput", "environment": env, "rounds": rounds, **result},
         )
 
 

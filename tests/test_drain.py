@@ -6,6 +6,9 @@ with one 1 s lease ends at that lease's end, not at ``drain_timeout``.
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import trio
 import trio.testing
 
@@ -75,3 +78,45 @@ async def test_tasks_awaiting_wait_idle_in_a_loop_let_the_drain_end(
     assert released == [1]
     assert ended == [("cancelled", 1), ("cancelled", 1)]
     assert trio.current_time() == released[0]  # open() returned as the lease ended
+
+
+async def test_a_drain_that_waits_on_the_body_says_so_within_a_second(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A background task in the body (a broadcast hub, say) holds the drain: one second
+    after the last lease, the log names it; at drain_timeout it is cancelled."""
+    caplog.set_level(logging.INFO, logger="graceful_restart_trio")
+    said: list[float] = []
+
+    class Clock(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for the open() body" in record.getMessage():
+                said.append(trio.current_time())
+
+    handler = Clock()
+    logging.getLogger("graceful_restart_trio").addHandler(handler)
+    try:
+        async with graceful_restart.open(drain_timeout=30) as gr:
+            gr.ready()
+            async with trio.open_nursery() as nursery:
+
+                async def hub() -> None:
+                    await trio.sleep_forever()
+
+                nursery.start_soon(hub, name="chat hub")
+                await trio.testing.wait_all_tasks_blocked()
+                gr.shutdown()
+                started = trio.current_time()
+    finally:
+        logging.getLogger("graceful_restart_trio").removeHandler(handler)
+    assert said == [started + 1]
+    assert "(still running in it: chat hub)" in caplog.text
+    assert trio.current_time() == started + 30  # cancelled at the deadline, as before
+
+
+async def test_a_shutdown_is_a_drain_for_a_shutdown() -> None:
+    async with graceful_restart.open() as gr:
+        assert gr.drain_reason is None
+        gr.shutdown()
+        assert await gr.wait_draining() == "shutdown"
+        assert gr.drain_reason == "shutdown"

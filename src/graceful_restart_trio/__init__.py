@@ -28,10 +28,12 @@ from ._exceptions import SuccessorExitedError as SuccessorExitedError
 from ._exceptions import SuccessorStartError as SuccessorStartError
 from ._exceptions import SuccessorTimeoutError as SuccessorTimeoutError
 from ._exceptions import UsageError as UsageError
+from ._graceful_restart import DrainReason as DrainReason
 from ._graceful_restart import GracefulRestart as GracefulRestart
 from ._graceful_restart import Statistics as Statistics
 from ._graceful_restart import open as open
 from ._leases import LeaseCounter as LeaseCounter
+from ._options import OpenOptions as OpenOptions
 from ._options import Options as Options
 from ._signals import ignore_sighup as _ignore_sighup
 from ._state import ACCEPTING as ACCEPTING

@@ -63,7 +63,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import attrs
 import trio
@@ -97,7 +97,7 @@ from ._handover import (
 from ._leases import LeaseCounter
 from ._listeners import ListenerRegistry
 from ._logging import PrefixLog
-from ._options import Options
+from ._options import OpenOptions, Options
 from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
 from ._restart import Launch, Restarts
 from ._signals import check_main_thread, receive_signals
@@ -118,11 +118,18 @@ from ._timeline import Timeline
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-__all__ = ["GracefulRestart", "Statistics", "open"]
+__all__ = ["DrainReason", "GracefulRestart", "Statistics", "open"]
+
+DrainReason = Literal["handover", "shutdown"]
+"""Why a process drains: see :attr:`GracefulRestart.drain_reason`."""
 
 EXIT_GRACE = 5.0
 """Seconds systemd is asked to wait for a drain beyond ``drain_timeout``."""
+BODY_NOTICE = 1.0
+"""Seconds the drain waits for the ``open()`` body in silence, once the leases are done."""
 
 
 @final
@@ -301,12 +308,26 @@ class GracefulRestart:
         """True once this process has stopped accepting for good (see :meth:`wait_draining`)."""
         return self._draining.is_set()
 
-    async def wait_draining(self) -> None:
-        """Return once this process has stopped accepting for good (shutdown or handover).
+    @property
+    def drain_reason(self) -> DrainReason | None:
+        """Why this process stopped accepting for good, or None while it has not.
+
+        ``"handover"``: a successor serves now, so a client may reconnect at once;
+        ``"shutdown"``: the service is stopping, so a client should back off. A protocol
+        tells its long-lived clients one or the other before it ends their connections.
+        """
+        if not self._draining.is_set():
+            return None
+        return "handover" if self._handed_over else "shutdown"
+
+    async def wait_draining(self) -> DrainReason:
+        """Return once this process has stopped accepting for good; say why
+        (:attr:`drain_reason`).
 
         Use it as a server's shutdown trigger, e.g. hypercorn's ``shutdown_trigger``.
         """
         await self._draining.wait()
+        return "handover" if self._handed_over else "shutdown"
 
     async def wait_predecessor(self) -> None:
         """Return once the predecessor has exited (at once if there is none, or under a
@@ -419,6 +440,8 @@ class GracefulRestart:
         self,
         handler: Callable[[trio.SocketStream], Awaitable[object]],
         listeners: list[trio.SocketListener],
+        *,
+        handler_errors: Literal["log", "raise"] = "log",
     ) -> None:
         """Like :func:`trio.serve_listeners`, with each connection under a lease.
 
@@ -427,11 +450,26 @@ class GracefulRestart:
         last handler has finished. The server itself holds one lease while it runs, so
         the drain also waits for a connection accepted an instant before accepting
         stopped.
+
+        One client's failing handler never cuts the others: an exception a handler
+        raises is logged at ERROR with its traceback, and ends that connection only,
+        as every HTTP server does. ``handler_errors="raise"`` keeps trio's semantics
+        instead: the exception ends the server and the :func:`open` body (and the
+        process, unless the application catches it), logged at ERROR first.
         """
 
         async def leased(stream: trio.SocketStream) -> None:
             async with self._leases:
-                await handler(stream)
+                try:
+                    await handler(stream)
+                except Exception:
+                    if handler_errors == "raise":
+                        self._log.exception("a connection's handler failed: the server ends")
+                        raise
+                    self._log.exception(
+                        "a connection's handler failed: that connection is closed, "
+                        "the others are served on"
+                    )
 
         async with self._leases, trio.open_nursery() as handlers:
             await self.accept_connections(listeners, leased, handler_nursery=handlers)
@@ -705,6 +743,7 @@ class GracefulRestart:
         )
 
     async def _drain(self) -> None:
+        await trio.lowlevel.checkpoint()  # an error that ends the body cancels it: no drain
         self._log.info(
             "stopped accepting; draining %d lease(s) for at most %gs",
             self._leases.count,
@@ -725,7 +764,15 @@ class GracefulRestart:
                 self._log.info("waiting for predecessor %s to finish", self.predecessor_pid)
                 await self.wait_predecessor()
             if self._served:  # its cleanup (a lifespan shutdown, say) completes
-                await self._body_done.wait()
+                with trio.move_on_after(BODY_NOTICE):
+                    await self._body_done.wait()
+                if not self._body_done.is_set():
+                    self._log.info(
+                        "the leases are released; waiting for the open() body to return "
+                        "(still running in it: %s), at most until the drain deadline",
+                        ", ".join(self._body_tasks()) or "the body itself",
+                    )
+                    await self._body_done.wait()
         if deadline.cancelled_caught:
             self._log.warning(
                 "drain deadline passed: cancelling %d lease(s)%s",
@@ -737,6 +784,24 @@ class GracefulRestart:
             after = (trio.current_time() - leases_released) * 1000
             self._log.info("drained (%.0f ms after the last lease was released)", after)
         self._nursery.cancel_scope.cancel()
+
+    def _body_tasks(self) -> list[str]:
+        """The names of the innermost tasks still running in the ``open()`` body."""
+        names: list[str] = []
+        tasks = [
+            task
+            for nursery in self._nursery.parent_task.child_nurseries
+            if nursery is not self._nursery
+            for task in nursery.child_tasks
+        ]
+        while tasks:
+            task = tasks.pop()
+            children = [child for n in task.child_nurseries for child in n.child_tasks]
+            if children:
+                tasks += children
+            else:
+                names.append(task.name)
+        return sorted(names)
 
     async def _follow_channel(self) -> None:
         """A successor: follow what its predecessor (or keeper) says on the channel.
@@ -907,8 +972,9 @@ class GracefulRestart:
         if notifier is not None and self._in_charge.is_set():
             store_fds(notifier, self._listeners.handover())
 
-    def _close(self) -> None:
-        """The last word of a process: release everything, say goodbye if in charge."""
+    def _close(self, failure: Exception | None) -> None:
+        """The last word of a process: release everything, say goodbye if in charge; and
+        if an error ends it (``failure``), say so at ERROR, with the traceback."""
         if self.state is not State.DRAINING:  # the body failed before any drain began
             self._machine.advance(State.DRAINING)
         self._machine.advance(State.STOPPED)
@@ -922,7 +988,14 @@ class GracefulRestart:
             os.close(self._inheritance.pidfd)
         if self._notifier is not None:
             self._notifier.close()
-        self._log.info("exiting (%d lease(s) left)", self._leases.count)
+        if failure is not None:
+            self._log.error(
+                "exiting on an error in the open() body, cutting %d lease(s)",
+                self._leases.count,
+                exc_info=failure,
+            )
+        else:
+            self._log.info("exiting (%d lease(s) left)", self._leases.count)
 
 
 def _address(sock: socket.socket) -> str:
@@ -956,9 +1029,7 @@ _active: GracefulRestart | None = None
 
 
 @asynccontextmanager
-async def open(
-    **options: Any,  # noqa: ANN401 - validated by Options, which names a bad one
-) -> AsyncIterator[GracefulRestart]:
+async def open(**options: Unpack[OpenOptions]) -> AsyncIterator[GracefulRestart]:
     """Run a server that can be restarted and shut down gracefully.
 
     An async context manager yielding a :class:`GracefulRestart`. It must run in the
@@ -974,8 +1045,9 @@ async def open(
 
     Args:
         **options: see :class:`Options` (``drain_timeout``, ``ready_timeout``,
-            ``probation``, ``pid_file``, ``restart_signals``, ``shutdown_signals``,
-            ``command``, ``logger``, ``systemd``).
+            ``probation``, ``pid_file``, ``control``, ``restart_signals``,
+            ``shutdown_signals``, ``command``, ``logger``, ``systemd``, ``fd_store``);
+            type checkers know them (:class:`OpenOptions`) and reject a misspelt one.
 
     Raises:
         TypeError, ValueError: an option is wrong; the message names it.
@@ -1017,6 +1089,7 @@ async def open(
         inherited = listen_sockets(os.environ, pid)
     gr: GracefulRestart | None = None
     escaped: BaseException | None = None
+    failure: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             gr = _active = GracefulRestart(
@@ -1043,12 +1116,13 @@ async def open(
                     await gr._body_ended()
     except BaseExceptionGroup as group:
         escaped = _unwrap(group)
+        failure = group if escaped is None else escaped
         if escaped is None:
             raise
     finally:
         _active = None
         if gr is not None:
-            gr._close()
+            gr._close(failure if isinstance(failure, Exception) else None)
         else:
             _close_unused(inherited, inheritance, notifier)
     if escaped is not None:

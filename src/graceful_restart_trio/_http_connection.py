@@ -10,15 +10,20 @@ needs more than hypercorn does:
 
 - A client that closes an idle connection is noticed at once (hypercorn's ``TCPServer``
   keeps such a connection in CLOSE-WAIT until its keep-alive timer fires, and the drain
-  waits for it).
-- Once the process stops accepting, an HTTP/1.1 connection idle for ``_H1_QUIET`` is
-  closed; a busy one closes after its response (``asgi`` adds ``Connection: close``),
-  as does an idle one whose next request has already arrived, unread. The closes are paced by a
+  waits for it). An HTTP/2 client that goes away with streams in flight ends them: their
+  applications stop waiting to send (hypercorn leaves them waiting for ever).
+- Once the process stops accepting, an HTTP/1.1 connection idle for ``H1_QUIET`` is
+  closed (with ``idle_close="on-response"``: left open until its next answer, which
+  says ``Connection: close``, or until idle for ``keep_alive_timeout``); a busy one
+  closes after its response (``asgi`` adds ``Connection: close``), as does an idle one
+  whose next request has already arrived, unread. The closes are paced by a
   :class:`Pacer` so that ten thousand idle clients do not all reconnect in the same
   millisecond.
 - An HTTP/2 connection gets a GOAWAY. If it is idle, one GOAWAY naming the last stream
   the server has seen; if streams stay in flight for ``_H2_QUIET_WAIT`` (5 s), the
-  graceful two-step of RFC 9113 §6.8: a GOAWAY with the largest stream id and a PING,
+  graceful two-step of RFC 9113 §6.8 (the same GOAWAY ends a connection after
+  ``keep_alive_max_requests`` streams, in place of hypercorn's, which cuts the streams
+  in flight): a GOAWAY with the largest stream id and a PING,
   then, once the PING is answered, the GOAWAY with the real last stream id. Streams
   opened above it are never processed (the client retries them elsewhere, as the
   GOAWAY tells it). The GOAWAY frames are written beside the ``h2`` library, which
@@ -37,7 +42,7 @@ import os
 import sys
 import termios
 from math import inf
-from typing import Any, Final, final
+from typing import Any, Final, Literal, final
 
 import attrs
 import h2.connection
@@ -63,12 +68,12 @@ from ._hypercorn import (
 )
 from ._state import ACCEPTING
 
-__all__ = ["LINGER", "HTTPConnection", "Pacer"]
+__all__ = ["H1_QUIET", "LINGER", "MAX_RECV", "HTTPConnection", "IdleClose", "Pacer", "unread"]
 
 MAX_RECV: Final = 2**16
 LINGER: Final = 5.0
 """Seconds a closing connection reads and drops what the client still sends."""
-_H1_QUIET: Final = 0.05
+H1_QUIET: Final = 0.05
 """Seconds an HTTP/1.1 connection must stay idle, once accepting stopped, to be closed:
 a client that sends its next request at once gets ``Connection: close`` with the answer
 instead of meeting a close (which httpx, for one, does not retry)."""
@@ -77,6 +82,7 @@ _H2_QUIET_WAIT: Final = 5.0
 it gets the two-step GOAWAY: a client that aborts its streams on any GOAWAY (httpx does)
 is best told when it has none in flight."""
 _LAST_POSSIBLE_STREAM: Final = 2**31 - 1
+IdleClose = Literal["prompt", "on-response"]
 
 
 @final
@@ -170,9 +176,17 @@ class HTTPConnection:
     context: WorkerContext
     lifespan_state: dict[str, Any]
     pacer: Pacer
+    idle_close: IdleClose = "prompt"
+    """Once accepting stops, an idle HTTP/1.1 connection is closed: ``"prompt"``ly
+    (after ``H1_QUIET``, paced), or ``"on-response"`` (its next answer says
+    ``Connection: close``; closed if idle for ``keep_alive_timeout``)."""
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         await _Served(self, stream).run()
+
+    async def serve_from(self, stream: trio.abc.Stream, received: bytes) -> None:
+        """Serve ``stream`` whose first bytes, ``received``, were already read from it."""
+        await _Served(self, stream, received).run()
 
 
 @final
@@ -182,12 +196,17 @@ class _Served:
 
     server: HTTPConnection
     stream: Any  # trio.SocketStream or trio.SSLStream
+    received: bytes = b""  # read before hypercorn's code took the connection
     protocol: ProtocolWrapper = attrs.field(init=False)
     _idle: AsyncValue = attrs.field(factory=lambda: AsyncValue(True))
     _send_lock: trio.Lock = attrs.field(factory=trio.Lock)
     _used: trio.Event = attrs.field(factory=trio.Event)
     _reading: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _closing: bool = False
+    _h2: H2Protocol | None = None
+    _h2_requests: int = 0
+    _max_requests: trio.Event = attrs.field(factory=trio.Event)
+    _goaway: _GoAway | None = None
 
     async def run(self) -> None:
         config = self.server.config
@@ -215,8 +234,12 @@ class _Served:
                     alpn,
                 )
                 await self.protocol.initiate()
+                self._adopt_h2()
+                if self.received:
+                    await self._handle(self.received)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._close_when_due)
+                    nursery.start_soon(self._go_away_at_max_requests)
                     await self._read()
                     nursery.cancel_scope.cancel()
         except OSError:
@@ -234,10 +257,48 @@ class _Served:
                 except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                     break
                 if not self._closing:  # once closing, what arrives is dropped: RFC 9112 §9.6
-                    await self.protocol.handle(RawData(data))
+                    await self._handle(data)
                 if not data:
                     break
-        await self.protocol.handle(Closed())
+        await self._closed()
+
+    async def _handle(self, data: bytes) -> None:
+        await self.protocol.handle(RawData(data))
+        if self._h2 is None:
+            self._adopt_h2()  # h2c: the protocol may have switched
+
+    def _adopt_h2(self) -> None:
+        """Own HTTP/2's ``keep_alive_max_requests``: hypercorn's own GOAWAY at the limit
+        cuts the streams in flight; this connection sends the graceful one instead."""
+        if not isinstance(protocol := self.protocol.protocol, H2Protocol):
+            return
+        self._h2 = protocol
+        protocol.keep_alive_requests = -(2**62)  # hypercorn's count never reaches its limit
+        receive = protocol.connection.receive_data
+        limit = self.server.config.keep_alive_max_requests
+
+        def receive_data(data: bytes) -> list[h2.events.Event]:
+            events = receive(data)
+            for event in events:
+                if isinstance(event, h2.events.RequestReceived):
+                    self._h2_requests += 1
+            if self._h2_requests >= limit:
+                self._max_requests.set()
+            return events
+
+        protocol.connection.receive_data = receive_data  # type: ignore[method-assign,assignment]
+
+    async def _go_away_at_max_requests(self) -> None:
+        """After ``keep_alive_max_requests`` HTTP/2 streams: the GOAWAY of a drain (one
+        step once idle, the two-step after 5 s busy), then close once the streams below
+        its last stream id are done."""
+        await self._max_requests.wait()
+        assert self._h2 is not None
+        connection = self._h2.connection
+        await self._go_away(self._h2)
+        while not (self._idle.value and connection.open_inbound_streams == 0):
+            await self._idle.wait_transition()
+        await self._close()
 
     async def _send(self, event: Event) -> None:
         """What hypercorn's protocol asks of the connection."""
@@ -256,17 +317,25 @@ class _Served:
                 with trio.CancelScope(shield=True):
                     await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.protocol.handle(Closed())
+                await self._closed()
+
+    async def _closed(self) -> None:
+        """The connection is gone: tell hypercorn, and end HTTP/2 streams' waits.
+
+        hypercorn 0.18's HTTP/2 code closes its streams but not their send buffers, so an
+        application blocked sending a body (``StreamBuffer.drain``/``push``) would wait,
+        holding its lease, until the drain deadline. Closing the buffers ends the wait;
+        what the application sends afterwards is dropped.
+        """
+        await self.protocol.handle(Closed())
+        if isinstance(h2_protocol := self.protocol.protocol, H2Protocol):
+            for buffer in list(h2_protocol.stream_buffers.values()):
+                await buffer.close()
 
     async def _close_when_due(self) -> None:
         """Close after ``keep_alive_timeout`` idle; politely and soon once accepting stops."""
         async with move_on_when(self._accepting_stops) as draining:
-            while True:
-                await self._idle.wait_value(True)
-                with trio.move_on_after(self.server.config.keep_alive_timeout) as idle_timer:
-                    await self._idle.wait_value(False)
-                if idle_timer.cancelled_caught:
-                    break
+            await self._until_idle_too_long()
         if draining.cancelled_caught:
             # A connection accepted an instant ago has its first request on the way.
             with trio.move_on_after(self.server.config.keep_alive_timeout):
@@ -275,20 +344,33 @@ class _Served:
                 await self.server.pacer.wait_turn()
                 await self._go_away(h2_protocol)
                 await self._idle.wait_value(True)
+            elif self.server.idle_close == "on-response":  # its answer closes it
+                await self._until_idle_too_long()
             else:  # a request that comes is answered with Connection: close, which closes it
                 await self._idle.wait_value(True)
-                with trio.move_on_after(_H1_QUIET):
+                with trio.move_on_after(H1_QUIET):
                     await self._idle.wait_value(False)
                 await self.server.pacer.wait_turn()
-                if not self._idle.value or _unread(self.stream):
+                if not self._idle.value or unread(self.stream):
                     return
         await self._close()
+
+    async def _until_idle_too_long(self) -> None:
+        while True:
+            await self._idle.wait_value(True)
+            with trio.move_on_after(self.server.config.keep_alive_timeout) as idle_timer:
+                await self._idle.wait_value(False)
+            if idle_timer.cancelled_caught:
+                return
 
     async def _accepting_stops(self) -> None:
         await self.server.gr.state_value.wait_value(lambda state: state not in ACCEPTING)
 
     async def _go_away(self, protocol: H2Protocol) -> None:
-        goaway = _GoAway(protocol.connection, self._send_bytes)
+        """One GOAWAY per connection: the drain's or the request limit's, whichever first."""
+        if self._goaway is not None:
+            return
+        goaway = self._goaway = _GoAway(protocol.connection, self._send_bytes)
 
         def idle() -> bool:  # a stream h2 has parsed may not be hypercorn's yet
             return bool(self._idle.value) and protocol.connection.open_inbound_streams == 0
@@ -322,7 +404,7 @@ def _socket(stream: trio.SSLStream[Any]) -> Any:  # noqa: ANN401 - trio's socket
     return stream.transport_stream.socket
 
 
-def _unread(stream: trio.abc.Stream) -> bool:
+def unread(stream: trio.abc.Stream) -> bool:
     """Whether bytes from the client wait in the socket's receive queue."""
     sock = _socket(stream) if isinstance(stream, trio.SSLStream) else stream.socket  # type: ignore[attr-defined]
     try:

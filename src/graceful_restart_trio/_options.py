@@ -7,11 +7,11 @@ import os
 import signal
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import final
+from typing import TypedDict, final
 
 import attrs
 
-__all__ = ["Options", "probation_seconds", "ready_seconds"]
+__all__ = ["OpenOptions", "Options", "probation_seconds", "ready_seconds"]
 
 _UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})
 
@@ -99,6 +99,24 @@ def _logger(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"logger must be a non-empty logger name, not {value!r}")
     return value
+
+
+class OpenOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`graceful_restart_trio.open`, for type checkers: a
+    misspelt option (``contrl=``) is an error for mypy and editors, not only at run time.
+    Each is described by :class:`Options`, which checks the values."""
+
+    drain_timeout: float
+    ready_timeout: float
+    probation: float
+    restart_signals: Iterable[signal.Signals | int]
+    shutdown_signals: Iterable[signal.Signals | int]
+    pid_file: str | os.PathLike[str] | None
+    control: str | os.PathLike[str] | None
+    command: Sequence[str] | None
+    logger: str
+    systemd: bool
+    fd_store: bool | None
 
 
 @final

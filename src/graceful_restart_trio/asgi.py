@@ -1,7 +1,11 @@
-"""Serve an ASGI (or WSGI) application with hypercorn's protocol code under ``gr``.
+"""Serve an ASGI (or WSGI) application under ``gr``: HTTP/1.1 on httptools, the rest on hypercorn.
 
-Requires hypercorn 0.17 or 0.18 (``pip install '.[hypercorn]'`` from a clone);
-importing :mod:`graceful_restart_trio` itself does not import it, and importing this
+HTTP/1.1 (plaintext, and TLS that negotiates ``http/1.1``) is served by this library's own
+connection on ``httptools`` (:mod:`graceful_restart_trio._http11`); HTTP/2 (ALPN ``h2``,
+h2c) and WebSocket upgrades by hypercorn's protocol code, which ``http1="hypercorn"``
+also selects for HTTP/1.1. Requires hypercorn 0.17 or 0.18 and httptools
+(``pip install '.[hypercorn]'`` from a clone);
+importing :mod:`graceful_restart_trio` itself imports neither, and importing this
 module with another hypercorn version raises ImportError naming the supported range.
 
 Synopsis::
@@ -31,15 +35,17 @@ What it adds to ``hypercorn.trio.serve``:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from functools import partial
-from typing import Any, Final, cast, final
+from typing import Any, Final, Literal, cast, final
 
 import trio
 
 from ._graceful_restart import GracefulRestart
-from ._http_connection import HTTPConnection, Pacer
+from ._http11 import HTTP11Server, Limits
+from ._http_connection import HTTPConnection, IdleClose, Pacer
 from ._hypercorn import (
     Config,
     Lifespan,
@@ -53,7 +59,7 @@ from ._state import ACCEPTING, State
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["graceful_restart", "lease_app", "readiness", "serve"]
+__all__ = ["HTTP1", "HTTP1_ENV", "graceful_restart", "lease_app", "readiness", "serve"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -65,6 +71,10 @@ _LEASED = frozenset({"http", "websocket"})
 _READY = frozenset({State.SERVING, State.RESTARTING, State.PROBATION})
 _CONNECTION_CLOSE = (b"connection", b"close")
 _STATE_KEY = "graceful_restart"
+HTTP1 = Literal["httptools", "hypercorn"]
+"""The HTTP/1.1 code of :func:`serve`: the library's httptools connection, or hypercorn's."""
+HTTP1_ENV: Final = "GRACEFUL_RESTART_TRIO_HTTP1"
+"""The environment variable that chooses the HTTP/1.1 code when ``serve(http1=None)``."""
 _log = logging.getLogger("graceful_restart_trio.asgi")
 
 _NOT_SERVED = {
@@ -87,7 +97,9 @@ _NOT_SERVED = {
 def lease_app(gr: GracefulRestart, app: ASGIApp) -> ASGIApp:
     """Wrap ``app`` so that each request or WebSocket holds a lease of ``gr``.
 
-    Once ``gr`` stops accepting, HTTP/1.x responses carry ``Connection: close``.
+    Once ``gr`` stops accepting, HTTP/1.x responses carry ``Connection: close``, as do
+    responses to a request that has both ``Content-Length`` and ``Transfer-Encoding``
+    (RFC 9112 §6.3: the server must close the connection after it).
     """
     lease = gr.lease()
 
@@ -99,14 +111,24 @@ def lease_app(gr: GracefulRestart, app: ASGIApp) -> ASGIApp:
             return
         async with lease:
             if scope["type"] == "http" and scope.get("http_version", "1.1").startswith("1"):
-                send = partial(_close_when_not_accepting, gr, send)
+                send = partial(_close_when_not_accepting, gr, _ambiguous(scope), send)
             await call(scope, receive, send, *args)
 
     return leased
 
 
-async def _close_when_not_accepting(gr: GracefulRestart, send: Send, message: Message) -> None:
-    if message["type"] == "http.response.start" and gr.state not in ACCEPTING:
+def _ambiguous(scope: Scope) -> bool:
+    """Whether the request's body length is told twice (``Content-Length`` and
+    ``Transfer-Encoding``): a request smuggling attempt, after which the connection
+    must close."""
+    names = {bytes(name).lower() for name, _ in scope.get("headers", ())}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+async def _close_when_not_accepting(
+    gr: GracefulRestart, ambiguous: bool, send: Send, message: Message
+) -> None:
+    if message["type"] == "http.response.start" and (ambiguous or gr.state not in ACCEPTING):
         headers = [h for h in message.get("headers", ()) if bytes(h[0]).lower() != b"connection"]
         message = {**message, "headers": [*headers, _CONNECTION_CLOSE]}
     await send(message)
@@ -166,6 +188,10 @@ async def serve(
     app: Callable[..., Any],
     listeners: Sequence[trio.abc.Listener[Any]],
     config: Config | None = None,
+    *,
+    http1: HTTP1 | None = None,
+    max_body_size: int | None = None,
+    idle_close: IdleClose = "prompt",
 ) -> None:
     """Serve ``app`` on ``listeners`` until ``gr`` stops accepting and the work is done.
 
@@ -180,15 +206,37 @@ async def serve(
         config: hypercorn settings. With ``certfile``/``keyfile`` set, the listeners
             speak TLS (HTTP/2 by ALPN); h2c works on plain listeners. Settings of
             hypercorn's own process management (``bind``, ``workers``,
-            ``graceful_timeout``, ``max_requests``, ...) are refused.
+            ``graceful_timeout``, ``max_requests``, ...) are refused. On the httptools
+            path ``keep_alive_timeout`` (which also bounds a client that never finishes
+            its headers), ``keep_alive_max_requests``, ``h11_max_incomplete_size`` (the
+            header section: 431), ``server_names``, ``root_path``,
+            ``include_date_header`` and the TLS settings apply.
+        http1: the HTTP/1.1 code: ``"httptools"`` (this library's connection, the
+            default) or ``"hypercorn"`` (hypercorn's, on h11). None: the environment
+            variable ``GRACEFUL_RESTART_TRIO_HTTP1`` if set, else ``"httptools"``.
+        max_body_size: on the httptools path, the largest request body in bytes; a
+            larger one is answered 413 and the connection closed. None: no limit.
+        idle_close: once accepting stops, an idle HTTP/1.1 keep-alive connection is
+            closed ``"prompt"``ly (after 50 ms of quiet, paced: the old copy exits
+            soon, but a client that writes into the connection as it closes, without
+            checking it first, loses that request), or ``"on-response"`` (HAProxy's
+            ``idle-close-on-response``: it stays open until its next request, whose
+            answer says ``Connection: close``, or until idle for
+            ``keep_alive_timeout``: no request is lost that way, and the old copy may
+            linger up to ``keep_alive_timeout``).
 
     Raises:
         ValueError: ``config`` sets something :func:`serve` does not do; the message
-            names the field and what to use instead.
+            names the field and what to use instead; or ``http1`` is neither choice.
         hypercorn.utils.LifespanFailureError: the application's lifespan startup failed.
     """
     config = config if config is not None else Config()
     _check_config(config)
+    http1 = http1 or cast(HTTP1, os.environ.get(HTTP1_ENV) or "httptools")
+    if http1 not in ("httptools", "hypercorn"):
+        raise ValueError(f"http1={http1!r}: choose 'httptools' or 'hypercorn'")
+    if idle_close not in ("prompt", "on-response"):
+        raise ValueError(f"idle_close={idle_close!r}: choose 'prompt' or 'on-response'")
     app_wrapper = wrap_app(app, config.wsgi_max_body_size, None)
     wrapped = lease_app(gr, cast(Any, app_wrapper))
     served = list(listeners)
@@ -201,16 +249,37 @@ async def serve(
         if isinstance(app_wrapper, WSGIWrapper)
         else Lifespan(cast(Any, wrapped), config, state)
     )
-    connection = HTTPConnection(gr, wrapped, config, WorkerContext(None), state, Pacer())
+    pacer = Pacer()
+    connection = HTTPConnection(gr, wrapped, config, WorkerContext(None), state, pacer, idle_close)
+    handler: Callable[[Any], Awaitable[None]] = connection
+    http11: HTTP11Server | None = None
+    if http1 == "httptools":
+        http11 = HTTP11Server(
+            gr,
+            _direct_call(app_wrapper),
+            config,
+            state,
+            pacer,
+            connection,
+            Limits(
+                max_head=config.h11_max_incomplete_size,
+                max_body=max_body_size,
+                server_names=frozenset(name.encode() for name in config.server_names),
+            ),
+            idle_close,
+        )
+        handler = http11
     try:
         async with trio.open_nursery() as lifespan_nursery:
             if lifespan is not None:
                 await lifespan_nursery.start(lifespan.handle_lifespan)
                 await lifespan.wait_for_startup()
+            if http11 is not None:
+                lifespan_nursery.start_soon(http11.watch)
             for listener in served:
                 _log.info("Running on %s", _url(listener))
             async with trio.open_nursery() as connections:
-                await gr.accept_connections(served, connection, handler_nursery=connections)
+                await gr.accept_connections(served, handler, handler_nursery=connections)
             if lifespan is not None:
                 await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
@@ -219,6 +288,14 @@ async def serve(
         if failure is None:
             raise
         raise _first(failure) from None  # the application's own error, not a group of one
+
+
+def _direct_call(app_wrapper: object) -> Callable[..., Awaitable[None]]:
+    """``(scope, receive, send)`` for the httptools path: the ASGI app itself, or the
+    WSGI wrapper with trio's thread calls."""
+    if not isinstance(app_wrapper, WSGIWrapper):  # hypercorn's ASGIWrapper
+        return cast(Callable[..., Awaitable[None]], cast(Any, app_wrapper).app)
+    return partial(app_wrapper, sync_spawn=trio.to_thread.run_sync, call_soon=trio.from_thread.run)
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

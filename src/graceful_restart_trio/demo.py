@@ -11,8 +11,9 @@ then, from another terminal::
     kill -HUP "$(cat /tmp/demo.pid)"            # new pid answers; the sleeper still completes
     kill -TERM "$(cat /tmp/demo.pid)"           # drain and exit
 
-It is hypercorn's trio worker serving a small ASGI app through
-:func:`graceful_restart_trio.asgi.serve`.
+It is a small ASGI app served by :func:`graceful_restart_trio.asgi.serve`: HTTP/1.1 on
+the library's httptools connection (``--http1 hypercorn``: on hypercorn's code), HTTP/2
+(h2c) on hypercorn's.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ async def _serve(args: argparse.Namespace) -> None:
         listeners = await gr.open_tcp_listeners(args.port, host=args.host)
         config = Config()
         config.errorlog = logging.getLogger("hypercorn.error")  # one handler: logging's
-        await serve(gr, app, listeners, config)
+        await serve(gr, app, listeners, config, http1=args.http1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -87,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds (default 30)")
     parser.add_argument(
         "--probation", type=float, default=5.0, help="seconds a new copy is watched (default 5)"
+    )
+    parser.add_argument(
+        "--http1",
+        choices=["httptools", "hypercorn"],
+        help="the HTTP/1.1 code (default: $GRACEFUL_RESTART_TRIO_HTTP1, else httptools)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -21,9 +21,11 @@ Like a real deployment, what a new copy does is read at start-up from a *deploy 
 ``stop-keeper-at-ready`` say ready, then send SIGTERM to the keeper at once
 
 The echo server also answers ``fill-fds`` (open fds until there are none left),
-``free-fds``, ``close-unclaimed`` (``gr.close_unclaimed()``) and ``restart-and-leave``
-(``gr.restart()`` in a scope cancelled at once: the caller stops waiting); every copy
-writes ``SIGUSR1 received`` to stderr when it gets one.
+``free-fds``, ``close-unclaimed`` (``gr.close_unclaimed()``), ``restart-and-leave``
+(``gr.restart()`` in a scope cancelled at once: the caller stops waiting), ``raise``
+(its handler raises) and ``wait-drain`` (answers once this copy drains, with
+``gr.wait_draining()``'s reason); every copy writes ``SIGUSR1 received`` to stderr when
+it gets one.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ async def echo(gr: graceful_restart.GracefulRestart, stream: trio.SocketStream) 
                 while True:
                     FILLER.append(os.open("/dev/null", os.O_RDONLY))
             reply = f"filled {len(FILLER)}\n".encode()
+        elif chunk.strip() == b"raise":
+            raise RuntimeError("this client's input breaks its handler")
+        elif chunk.strip() == b"wait-drain":
+            reply = f"draining for a {await gr.wait_draining()}\n".encode()
         elif chunk.strip() == b"restart-and-leave":
             with trio.move_on_after(0):
                 await gr.restart()
@@ -97,7 +103,7 @@ async def logged_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def main(args: argparse.Namespace, behaviour: str) -> None:
-    options: dict[str, object] = {
+    options: graceful_restart.OpenOptions = {
         "pid_file": args.pid_file,
         "drain_timeout": args.drain_timeout,
         "ready_timeout": args.ready_timeout,
