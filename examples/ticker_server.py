@@ -11,7 +11,7 @@ sends until it closes (at most 5 s), close. No reset, nothing cut short::
 
     python examples/ticker_server.py --port 8008 --pid-file /tmp/ticker.pid
     nc 127.0.0.1 8008                      # tick 1 from 4242, tick 2 from 4242, ...
-    kill -HUP "$(cat /tmp/ticker.pid)"     # nc prints "reconnect" and ends
+    kill -HUP "$(cat /tmp/ticker.pid)"     # after the probation: "reconnect", then the end
     kill -TERM "$(cat /tmp/ticker.pid)"    # subscribers get "bye"
 """
 

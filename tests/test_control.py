@@ -181,6 +181,7 @@ def test_stop_waits_for_the_drain(start_server: StartServer, tmp_path: Path) -> 
         f"pid {pid} drained and exited",
     ]
     assert not control.exists()
+    assert f"[pid {pid}] stop asked for on the control socket\n" in server.log()
 
 
 def test_restart_and_stop_with_only_a_pid_file(start_server: StartServer, tmp_path: Path) -> None:

@@ -155,3 +155,32 @@ def test_under_the_keeper_a_generation_that_stops_during_the_probation_commits_e
     server.signal(signal.SIGTERM, keeper)
     assert server.wait_exit(keeper) == 0
     assert children() == []
+
+
+def test_a_body_that_ends_while_the_successor_starts_waits_and_commits(
+    start_server: StartServer,
+) -> None:
+    """The old copy stops serving as the restart begins, 1 s before its successor is
+    ready: it waits for it and commits the moment it is ready, rather than kill it."""
+    server = start_server("--end-on-restart", "--ready-delay", "1", command=PLAIN)
+    old = server.wait_serving()
+    server.signal(signal.SIGHUP, old)
+    new = server.wait_serving(other_than=old)
+    assert server.wait_exit(old) == 0
+    timeline = last_restart(server.pid_file)
+    assert (timeline["outcome"], timeline["successor"]) == ("committed", new)
+    assert list(timeline["phases"])[:5] == [
+        "spawned",
+        "ready",
+        "stopped accepting",
+        "probation cut short",
+        "committed",
+    ]
+    assert (
+        f"[pid {old}] this process stopped serving while its successor starts: committing "
+        "as soon as it is ready; no fallback"
+    ) in server.log()
+    status, body = http_get(server.port)
+    assert (status, answering_pid(body)) == (200, new)
+    server.signal(signal.SIGTERM, new)
+    assert server.wait_exit(new) == 0

@@ -378,3 +378,21 @@ def test_a_command_that_cannot_start_exits_as_a_shell_would(
         check=False,
     )
     assert keeper.returncode == status, keeper.stderr
+
+
+def test_a_generation_inherits_the_environment_but_the_keepers_systemd_variables(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """NOTIFY_SOCKET and socket activation's LISTEN_* are the keeper's own; the
+    application's own variables (LISTEN_PORT, say) pass."""
+    server = start_keeper(
+        start_server,
+        tmp_path,
+        env={"LISTEN_PORT": "8080", "WATCHDOG_USEC": "30000000", "NOTIFY_SOCKET": "@nowhere"},
+    )
+    generation = server.wait_serving()
+    environ = Path(f"/proc/{generation}/environ").read_bytes().split(b"\0")
+    assert b"LISTEN_PORT=8080" in environ
+    assert not [v for v in environ if v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_USEC="))]
+    server.signal(signal.SIGTERM, server.first.pid)
+    assert server.wait_exit(server.first.pid) == 0

@@ -254,10 +254,13 @@ async def test_death_on_probation_resumes_the_side() -> None:
     assert restarts.counts == {"failed": 1}
 
 
-async def test_a_successor_that_stops_serving_on_probation_is_retired_unasked() -> None:
-    """It shut its channel down but lives on (finishing its work): the side accepts
-    again, and lets it finish without asking it to stop."""
-    side = FakeSide("ready-then-stop-serving")
+@pytest.mark.parametrize("behaviour", ["ready-then-stop-serving", "ready-then-close"])
+async def test_a_successor_that_stops_serving_on_probation_is_retired_unasked(
+    behaviour: str,
+) -> None:
+    """It shut its channel down, or closed it, but lives on (finishing its work): the
+    side accepts again, and lets it finish without asking it to stop."""
+    side = FakeSide(behaviour)
     restarts = restarts_of(side)
     timeline = Timeline("call")
     with pytest.raises(SuccessorExitedError, match="stopped serving during its probation"):
@@ -319,16 +322,20 @@ async def test_a_shutdown_before_ready_kills_the_successor() -> None:
     assert restarts.counts == {"failed": 1}
 
 
-async def test_a_shutdown_at_the_pause_kills_the_successor() -> None:
+async def test_a_shutdown_at_the_pause_retires_the_ready_successor() -> None:
+    """Ready, it may already hold connections from the shared queues: asked to stop
+    gracefully, never killed."""
     side = FakeSide("ready-then-stay", state=State.DRAINING, on={"pause": shutdown})
     restarts = restarts_of(side)
     timeline = Timeline("call")
     with pytest.raises(RestartError, match=ABANDONED):
         await restarts.run(timeline)
-    assert side.names() == ["begin", "pause", "recorded", "failed"]
+    assert side.names() == ["begin", "pause", "retire", "recorded", "failed"]
+    assert side.argument("retire") is True
     assert list(timeline.phases) == ["spawned", "ready"]
-    assert not is_running(timeline.details["successor"])
     assert (timeline.outcome, timeline.reason) == ("failed", ABANDONED)
+    (successor,) = side.left
+    assert await stop(successor) == 0
 
 
 async def test_a_shutdown_on_probation_retires_the_successor_asking_it_to_stop() -> None:
@@ -513,12 +520,15 @@ async def test_an_unexpected_error_in_the_side_fails_the_restart() -> None:
     with pytest.raises(RestartError, match=r"restart failed: unexpected error: ValueError") as info:
         await restarts.run(timeline)
     assert isinstance(info.value.__cause__, ValueError)
-    assert side.names() == ["begin", "pause", "recorded", "failed"]
+    # Ready, it may hold connections already: retired (asked to stop), never killed.
+    assert side.names() == ["begin", "pause", "retire", "recorded", "failed"]
+    assert side.argument("retire") is True
     assert side.argument("failed") is info.value
     assert list(timeline.phases) == ["spawned", "ready"]
-    assert not is_running(timeline.details["successor"])
     assert (timeline.outcome, timeline.reason) == (
         "failed",
         "unexpected error: ValueError('a bug')",
     )
     assert restarts.counts == {"failed": 1}
+    (successor,) = side.left
+    assert await stop(successor) == 0

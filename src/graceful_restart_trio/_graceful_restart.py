@@ -9,7 +9,7 @@ signal task. Everything the application does in that body therefore runs inside 
 nursery's cancel scope, which is how the drain deadline cancels work that outlives it:
 leases themselves stay a bare counter.
 
-A restart, top to bottom (:meth:`GracefulRestart.restart`, and ``_predecessor`` for the
+A restart, top to bottom (:meth:`GracefulRestart.restart`, and ``_restart`` for the
 steps the keeper plays too):
 
 1. signal: ``SIGHUP`` (or a call) asks for it;
@@ -193,6 +193,8 @@ class GracefulRestart:
     """Set once this process is the one in charge: a first start once ready, a successor
     once its predecessor committed the handover (or is gone). Only then does it speak to
     systemd, write the pid file, say goodbyes, or restart."""
+    _handed_to: Successor | None = None
+    """The successor this process handed over to (its channel and pidfd, until the end)."""
     _handed_over: bool = False
     """Set once this process handed the service to a successor: from then on it says no
     goodbye, and leaves the pid file (which the successor rewrites) alone."""
@@ -255,8 +257,12 @@ class GracefulRestart:
             generation=self.generation,
             pid=self._pid,
             predecessor=self.predecessor_pid,
-            successor=self._restarts.successor.pid if self._restarts.successor else None,
+            successor=self._successor_pid(),
         )
+
+    def _successor_pid(self) -> int | None:
+        successor = self._restarts.successor or self._handed_to
+        return successor.pid if successor else None
 
     def lease(self) -> LeaseCounter:
         """The lease for one unit of in-flight work: ``async with gr.lease(): ...``.
@@ -599,7 +605,7 @@ class GracefulRestart:
         with contextlib.suppress(OSError):  # it died already: systemd's problem now
             os.write(successor.channel.fileno(), encode_word(MAIN, history))
         self._log.info("handed over to successor %d", successor.pid)
-        self._handed_over = True
+        self._handed_over, self._handed_to = True, successor
         self._watchdog_scope.cancel()
         self._stop_accepting()
         if self._restarts.pending:
@@ -626,7 +632,8 @@ class GracefulRestart:
 
     async def _stop_successor(self, successor: Successor) -> None:
         try:
-            await successor.wait_exit()
+            async with _surviving(self._log, "following a retired successor"):
+                await successor.wait_exit()
         finally:
             with trio.CancelScope(shield=True):
                 await successor.kill()  # whatever it left
@@ -663,34 +670,37 @@ class GracefulRestart:
     async def _body_ended(self) -> None:
         """The ``open()`` body returned or raised: this process serves no more.
 
-        A successor on probation is ready and alive, and this process can no longer
-        resume: stopping the successor would leave nobody serving, so the handover
-        commits at once instead (under a keeper, the keeper commits when this
+        A successor that is starting or on probation is the only copy that can serve
+        now: stopping it would leave nobody serving, so the handover commits as soon as
+        it is ready, with no probation (under a keeper, the keeper does that when this
         generation exits). Anything else is a shutdown.
         """
         self._body_done.set()
-        if self.state is State.PROBATION:
-            if self.keeper_pid is None:
-                self._log.warning(
-                    "this process stopped serving during the probation: committing early; "
-                    "no fallback"
-                )
-                self._restarts.cut_probation()
-                with trio.move_on_after(LAUNCHER_GRACE):
-                    await self._machine.wait_leaving(State.PROBATION)
-            else:
-                self._log.warning(
-                    "this generation stopped serving during the probation: the keeper's "
-                    "new generation takes over; no fallback"
-                )
-                self._handed_over = True
+        restarting = (State.RESTARTING, State.PROBATION)
+        if self.state in restarting and self.keeper_pid is None:
+            self._log.warning(
+                "this process stopped serving %s; no fallback",
+                "during the probation: committing early"
+                if self.state is State.PROBATION
+                else "while its successor starts: committing as soon as it is ready",
+            )
+            self._restarts.cut_probation()
+            longest = self._options.ready_timeout + 2 * LAUNCHER_GRACE  # the story's bounds
+            with trio.move_on_after(longest):
+                await self._machine.value.wait_value(lambda state: state not in restarting)
+        elif self.state in restarting:
+            self._log.warning(
+                "this generation stopped serving during a restart: the keeper's new "
+                "generation takes over (no goodbyes); no fallback"
+            )
+            self._handed_over = True
         self.shutdown()
 
     # -- the steps ---------------------------------------------------------------------
 
     def _take_charge(self) -> None:
-        """This process is the one in charge now: systemd, the watchdog, the control
-        socket, the fd store, and last the pid file, whose failure is only a warning."""
+        """This process is the one in charge now: the watchdog, the control socket, the
+        fd store, the pid file (whose failure is only a warning), then ``READY=1``."""
         if self._in_charge.is_set():
             return
         self._in_charge.set()
@@ -699,9 +709,9 @@ class GracefulRestart:
         if self._control is not None:
             self._nursery.start_soon(self._serve_control)
         self._store_listeners()
+        self._write_pid_file()  # before READY=1: a service manager may read it then
         if self._inheritance is None:  # a successor's READY=1 came with MAINPID=
             self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
-        self._write_pid_file()
         if self.state is State.SERVING:
             self._restarts.follow_up()
 
@@ -905,7 +915,7 @@ class GracefulRestart:
             "uptime_s": round(time.time() - self._started_at, 3),
             "leases": self._leases.count,
             "keeper": self.keeper_pid,
-            "successor": self._restarts.successor.pid if self._restarts.successor else None,
+            "successor": self._successor_pid(),
             "draining": (
                 [{"pid": predecessor, "role": "predecessor"}]
                 if predecessor and not self._predecessor_exited.is_set()
@@ -929,7 +939,8 @@ class GracefulRestart:
         return self._options.ready_timeout + self._options.probation + EXIT_GRACE
 
     def _control_stop(self, immediate: bool) -> None:
-        """For the control socket: a graceful shutdown."""
+        """For the control socket: a graceful shutdown (logged, as a signal is)."""
+        self._log.info("stop asked for on the control socket%s", " (immediate)" * immediate)
         self.shutdown(immediate=immediate)
 
     def _open_control(self) -> None:
@@ -983,6 +994,8 @@ class GracefulRestart:
             # Never after a handover: the successor rewrites the file at about this time,
             # and a check-then-unlink here could remove its new file.
             remove_pid_file(self._options.pid_file, self._pid)
+        if self._handed_to is not None:
+            self._handed_to.close()
         if self._inheritance is not None:
             self._inheritance.channel.close()
             os.close(self._inheritance.pidfd)

@@ -325,7 +325,12 @@ def parse_history(argument: str) -> tuple[dict[str, int], dict[str, Any] | None]
         last = history["last_restart"]
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise InheritanceError(f"the restart history is unreadable: {error!r}") from None
-    return counts, last if isinstance(last, dict) else None
+    well_formed = (
+        isinstance(last, dict)
+        and isinstance(last.get("phases"), dict)
+        and isinstance(last.get("requested_at"), (int, float))
+    )
+    return counts, last if well_formed else None
 
 
 def parse_plain_ready(line: bytes, fds: list[int]) -> None:

@@ -7,7 +7,7 @@ Some process managers follow exactly one pid: PID 1 of a docker or Kubernetes co
 supervisord, runit, systemd ``Type=simple``. An in-place restart changes the pid that
 serves, which they take for a crash. The keeper is the process they follow instead. It
 never serves and never restarts itself; it plays the predecessor's part of a restart
-(``_predecessor``, the very story a serving process plays in direct mode) for every
+(``_restart``, the very story a serving process plays in direct mode) for every
 *generation* of the application:
 
 1. **start**: generation 1 gets a channel (fd 3), a pidfd naming the keeper (fd 4) and the
@@ -30,10 +30,13 @@ never serves and never restarts itself; it plays the predecessor's part of a res
    each generation. The keeper is a child subreaper (and may be PID 1), so processes the
    application orphans become its children too: they are reaped silently. If the serving
    generation exits by itself, the keeper stops: it passes ``SIGTERM`` to the draining
-   generations, gives them :data:`EXIT_GRACE` seconds, and exits with that status.
+   generations, gives them :data:`STOP_GRACE` seconds, and exits with that status.
 5. **forward** every other catchable signal (``SIGUSR1`` to reopen logs, ``SIGWINCH``,
    ``SIGQUIT``, ...) to the serving generation, as tini and dumb-init do: none of them may
    kill the keeper and orphan the application.
+
+The duties of any PID 1 or subreaper (adopting orphans, reaping, which signals to pass
+on, the exit code) are ``_reaper``'s; this module says what they mean for generations.
 
 The keeper goes through the same :class:`State` table as an application process
 (``_state``): ``STARTING``, ``SERVING`` once generation 1 is ready, ``RESTARTING`` while a
@@ -48,8 +51,6 @@ inherits, says ready with its sockets, follows ``pause``/``resume``/``drain``, a
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -57,7 +58,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, final
 
@@ -78,11 +79,14 @@ from ._listeners import ListenerRegistry, describe_address
 from ._logging import PrefixLog
 from ._options import probation_seconds, ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
+from ._reaper import FORWARDED, become_subreaper, exit_code, reap
 from ._restart import FIRST_START, Launch, Restarts
 from ._signals import receive_signals
 from ._state import State, StateMachine
 from ._successor import Successor
 from ._systemd import (
+    ACTIVATION_VARIABLES,
+    WATCHDOG_VARIABLES,
     Notifier,
     listen_sockets,
     monotonic_usec,
@@ -92,42 +96,17 @@ from ._systemd import (
 )
 from ._timeline import Timeline
 
-__all__ = ["EXIT_GRACE", "Generation", "Keeper", "KeeperStatistics"]
+__all__ = ["STOP_GRACE", "Generation", "Keeper", "KeeperStatistics"]
 
 LOGGER = "graceful_restart_trio.keeper"
 
-EXIT_GRACE = 10.0
-"""Seconds the draining generations get to exit once the serving one exited by itself."""
+STOP_GRACE = 10.0
+"""Seconds the draining generations get to exit once the serving one exited by itself;
+then they are killed."""
 
-_PR_SET_CHILD_SUBREAPER = 36
-_NOT_INHERITED = ("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_")
-"""The keeper is systemd's main process: these are its own, never a generation's."""
-_OWN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
-_FORWARDED = frozenset(
-    sig
-    for sig in signal.valid_signals()
-    if isinstance(sig, signal.Signals)
-    and sig not in _OWN_SIGNALS
-    and sig
-    not in {
-        signal.SIGKILL,
-        signal.SIGSTOP,
-        signal.SIGTSTP,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-        signal.SIGPIPE,
-        signal.SIGSEGV,
-        signal.SIGBUS,
-        signal.SIGFPE,
-        signal.SIGILL,
-        signal.SIGABRT,
-        signal.SIGTRAP,
-        signal.SIGSYS,
-        signal.SIGURG,
-    }
-)
-"""What the keeper passes on to the serving generation: every signal a process manager
-or an operator may send that has no meaning for the keeper itself."""
+_NOT_INHERITED = frozenset({"NOTIFY_SOCKET", *ACTIVATION_VARIABLES, *WATCHDOG_VARIABLES})
+"""The keeper is systemd's main process: these are its own, never a generation's (the
+application's own ``LISTEN_PORT``, say, passes)."""
 
 Listeners = list[tuple[str, socket.socket]]
 
@@ -146,7 +125,7 @@ class Generation:
     status: int | None = None
     exited: trio.Event = attrs.field(factory=trio.Event)
     retiring: bool = False
-    """A task follows it to its end (see :meth:`Keeper._retire`), and closes it then."""
+    """A task follows it to its end (:meth:`wait_retired`), and closes it then."""
 
     @property
     def pid(self) -> int:
@@ -167,6 +146,16 @@ class Generation:
             os.write(self.successor.channel.fileno(), encode_word(word, pid))
         except OSError as error:
             logging.getLogger(LOGGER).warning("cannot tell %s %r: %s", self, word, error)
+
+    async def wait_retired(self) -> int | None:
+        """Follow it to its end, whoever reaps it (the launcher, or the keeper once the
+        launcher let it go), then kill whatever it left and close it; its status if known."""
+        try:
+            return await self.successor.wait_exit()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.successor.kill()  # whatever it left
+            self.successor.close()
 
     def reaped(self, status: int) -> None:
         """Record its exit status and wake whoever waits for it."""
@@ -198,6 +187,71 @@ class KeeperStatistics:
     draining: tuple[int, ...]
     generations: int
     listeners: tuple[str, ...]
+
+
+@final
+@attrs.define(eq=False)
+class HeldListeners:
+    """The listening sockets the keeper holds between generations, by name.
+
+    At first those systemd passed the keeper (socket activation, the fd store), if any;
+    each generation that takes over replaces them with those it sent with its ready.
+    """
+
+    listeners: Listeners
+    systemds: frozenset[str] = frozenset()
+    """Names of the listeners systemd passed the keeper: their socket files are systemd's."""
+    offered: Listeners = attrs.field(factory=list)
+    """The listeners a new generation sent with its ready, until it takes over."""
+
+    @classmethod
+    def from_systemd(cls, environ: MutableMapping[str, str], pid: int) -> HeldListeners:
+        """Those systemd passed to ``pid`` (see :func:`listen_sockets`).
+
+        Raises:
+            InheritanceError: ``LISTEN_FDS`` and its kin are malformed.
+        """
+        listeners = listen_sockets(environ, pid)
+        return cls(listeners, frozenset(name for name, _ in listeners))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.listeners]
+
+    def fds(self) -> list[int]:
+        return [sock.fileno() for _, sock in self.listeners]
+
+    def socket_files(self) -> list[str]:
+        """The unix listeners whose socket file is the application's to remove on the final
+        stop: all but those systemd made (a predecessor says the same)."""
+        return [
+            name
+            for name, sock in self.listeners
+            if sock.family == socket.AF_UNIX and name not in self.systemds
+        ]
+
+    def describe(self) -> list[dict[str, str]]:
+        """Each listener's name and address, for the status."""
+        return [{"name": name, "address": describe_address(sock)} for name, sock in self.listeners]
+
+    def accept_ready(self, line: bytes, fds: list[int]) -> Listeners:
+        """Keep what a new generation sent with its ready, checked (see :class:`Launch`)."""
+        self.offered = _ready_listeners(line, fds)
+        return self.offered
+
+    def take_over(self, ready: Listeners) -> None:
+        """The new generation serves: hold its listeners, close ours."""
+        _close_listeners(self.listeners)
+        self.listeners = ready
+
+    def drop_offered(self) -> None:
+        """A restart ended: close what the new generation sent, unless it took over."""
+        if self.offered is not self.listeners:
+            _close_listeners(self.offered)
+        self.offered = []
+
+    def close(self) -> None:
+        _close_listeners(self.listeners)
+        self.listeners = []
 
 
 def _command_list(command: Sequence[str]) -> list[str]:
@@ -250,11 +304,7 @@ class Keeper:
     """During a restart: the generation that serves."""
     _new: Generation | None = attrs.field(init=False, default=None)
     """During a restart: the new generation, once it is ready."""
-    _listeners: Listeners = attrs.field(init=False, factory=list)
-    _offered: Listeners = attrs.field(init=False, factory=list)
-    """The listeners a new generation sent with its ready, until it takes over."""
-    _systemds: set[str] = attrs.field(init=False, factory=set)
-    """Names of the listeners systemd passed the keeper: their socket files are systemd's."""
+    _held: HeldListeners = attrs.field(init=False, factory=lambda: HeldListeners([]))
     _generations: int = attrs.field(init=False, default=0)
     _stop_requests: int = attrs.field(init=False, default=0)
     _start_failure: int | None = attrs.field(init=False, default=None)
@@ -274,17 +324,24 @@ class Keeper:
 
     def statistics(self) -> KeeperStatistics:
         """A snapshot of the state, the generations and the listeners held."""
-        serving = self._serving.pid if self._serving and self._serving.status is None else None
-        starting = self._new.pid if self._new and self._new is not self._serving else None
+        serving, starting, draining = self._roles()
         return KeeperStatistics(
             state=self._machine.state,
             pid=self._pid,
-            serving=serving,
-            starting=starting,
-            draining=tuple(pid for pid in self._live if pid not in (serving, starting)),
+            serving=serving.pid if serving else None,
+            starting=starting.pid if starting else None,
+            draining=tuple(generation.pid for generation in draining),
             generations=self._generations,
-            listeners=tuple(name for name, _ in self._listeners),
+            listeners=tuple(self._held.names()),
         )
+
+    def _roles(self) -> tuple[Generation | None, Generation | None, list[Generation]]:
+        """The serving generation (while it runs), the one starting or on probation, and
+        the other live ones: those draining."""
+        serving = self._serving if self._serving and self._serving.status is None else None
+        starting = self._new if self._new is not self._serving else None
+        others = [g for g in self._live.values() if g is not serving and g is not starting]
+        return serving, starting, others
 
     # -- the story -----------------------------------------------------------------------
 
@@ -302,25 +359,24 @@ class Keeper:
         """
         if self._nursery is not None or self._machine.state is not State.STARTING:
             raise UsageError("a Keeper runs once")
-        _become_subreaper()
+        become_subreaper()
         self._notifier = Notifier.from_environ(os.environ)  # checked before anything is made
-        self._listeners = listen_sockets(os.environ, self._pid)
-        self._systemds = {name for name, _ in self._listeners}
+        self._held = HeldListeners.from_systemd(os.environ, self._pid)
         if self.pid_file is not None:
             write_pid_file(self.pid_file, self._pid)  # at start, a failure is fatal
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = self._restarts.nursery = nursery
                 handlers: dict[signal.Signals, Callable[[signal.Signals], None]] = {
+                    **dict.fromkeys(FORWARDED, self._on_other_signal),
                     signal.SIGHUP: self._on_restart_signal,
                     signal.SIGTERM: self._on_stop_signal,
                     signal.SIGINT: self._on_stop_signal,
                     signal.SIGCHLD: self._on_child_signal,
                 }
-                handlers.update(dict.fromkeys(_FORWARDED, self._on_other_signal))
                 await nursery.start(receive_signals, handlers, self._log)
                 self._open_control(nursery)
-                self._reap()
+                reap(self._on_child_exit)
                 interval = watchdog_interval(os.environ, self._pid)
                 if self._notifier is not None and interval is not None:
                     nursery.start_soon(run_watchdog, self._notifier, interval)
@@ -330,15 +386,20 @@ class Keeper:
         finally:
             self._close()
         if self._serving is not None and self._serving.status is not None:
-            status = _exit_code(self._serving.status)
+            status = exit_code(self._serving.status)
         else:  # nothing ran: the command cannot be started, or a stop came first
             status = self._start_failure or 0
         self._log.info("exiting with status %d", status)
         return status
 
     async def _start_first(self) -> None:
-        with contextlib.suppress(RestartError):  # logged, and recorded by _failed
+        try:
             await self._restarts.run(Timeline(FIRST_START))
+        except RestartError:
+            pass  # logged, and recorded by _failed
+        except Exception:  # a bug: the keeper stops, as if generation 1 never became ready
+            self._log.exception("starting generation 1 failed unexpectedly")
+            self._start_failure = self._start_failure or 1
         if self._serving is None:
             self._begin_stop("generation 1 never became ready")
 
@@ -359,31 +420,24 @@ class Keeper:
             self._machine.advance(State.RESTARTING)
             self._log.info("restart requested: %s serves, starting its successor", old)
             self._notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="restarting")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
-        # A unix socket file is the application's to remove on the final stop, unless
-        # systemd made it: say which, as a predecessor does.
-        ours = [
-            name
-            for name, sock in self._listeners
-            if sock.family == socket.AF_UNIX and name not in self._systemds
-        ]
-        names = [name for name, _ in self._listeners]
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+        held = self._held
         env[ENV_VAR] = encode(
-            self._generations, old.pid if old else None, names, keeper=self._pid, socket_files=ours
+            self._generations,
+            old.pid if old else None,
+            held.names(),
+            keeper=self._pid,
+            socket_files=held.socket_files(),
         )
         return Launch(
             command=self.command,
             env=env,
-            sockets=[sock.fileno() for _, sock in self._listeners],
+            sockets=held.fds(),
             ready_timeout=self.ready_timeout,
             probation=self.probation if old else 0.0,
-            accept_ready=self._accept_ready,
+            accept_ready=held.accept_ready,
             label=f"generation {self._generations} pid {{}}",
         )
-
-    def _accept_ready(self, line: bytes, fds: list[int]) -> Listeners:
-        self._offered = _ready_listeners(line, fds)
-        return self._offered
 
     def _adopt(self, successor: Successor) -> Generation:
         """From now on it is ours to reap (once the launcher lets it go) and to stop."""
@@ -415,8 +469,7 @@ class Keeper:
         self._serving = new
         self._machine.advance(State.SERVING)
         new.tell(MAIN)
-        _close_listeners(self._listeners)
-        self._listeners = ready
+        self._held.take_over(ready)
         self._log.info("%s serving with %d listener(s)", new, len(ready))
         if self._notifier is not None and (self.fd_store or "FDSTORE" in os.environ):
             store_fds(self._notifier, [(name, sock.fileno()) for name, sock in ready])
@@ -436,7 +489,7 @@ class Keeper:
             if isinstance(error, SuccessorStartError):
                 self._start_failure = 127 if error.errno == errno.ENOENT else 126
             elif isinstance(error, SuccessorExitedError):
-                self._start_failure = _exit_code(error.returncode or 0)
+                self._start_failure = exit_code(error.returncode or 0)
             else:
                 self._start_failure = 1
         elif old.status is not None:
@@ -450,32 +503,24 @@ class Keeper:
             self._log.error("restart failed: %s serves on", old)
 
     def _recorded(self, timeline: Timeline) -> None:
-        if self._offered is not self._listeners:  # it did not take over: drop them
-            _close_listeners(self._offered)
-        self._offered = []
+        self._held.drop_offered()
         if timeline.trigger != FIRST_START:
             self._write_pid_file()
 
     def _retire(self, successor: Successor, ask: bool) -> None:
         # A stop abandoned the restart (and tells every live generation), an error did,
         # or the new one stopped by itself: either way it finishes its work and exits.
+        unknown = self._new is None  # ready, but a stop came before it was adopted
         generation = self._new or self._adopt(successor)
         self._new = None
         generation.retiring = True
         self._log.info("%s on probation is stopping", generation)
-        if ask and self.state is not State.DRAINING:
+        if ask and (unknown or self.state is not State.DRAINING):  # else the stop told it
             generation.send_signal(signal.SIGTERM)
         self._tasks().start_soon(self._wait_retired, generation)
 
     async def _wait_retired(self, generation: Generation) -> None:
-        """Follow a retired generation to its end, whoever reaps it: the launcher, or
-        the keeper itself once the launcher let it go."""
-        try:
-            status = await generation.successor.wait_exit()
-        finally:
-            with trio.CancelScope(shield=True):
-                await generation.successor.kill()  # whatever it left
-            generation.successor.close()
+        status = await generation.wait_retired()
         if self._live.pop(generation.pid, None) is not None:
             generation.reaped(status if status is not None else 0)
             self._log.info("%s exited with status %s", generation, status)
@@ -486,6 +531,10 @@ class Keeper:
         again = self._stop_requests > 1
         self._log.info("%s received%s: stopping", sig.name, " again" if again else "")
         self._begin_stop(f"{sig.name} received")
+        self._pass_on(sig)
+
+    def _pass_on(self, sig: signal.Signals) -> None:
+        """Pass ``sig`` on to every live generation."""
         for generation in list(self._live.values()):
             self._log.info("passing %s on to %s", sig.name, generation)
             generation.send_signal(sig)
@@ -514,53 +563,44 @@ class Keeper:
             self._stopped.set()
 
     def _on_child_signal(self, _sig: signal.Signals) -> None:
-        self._reap()
+        reap(self._on_child_exit)
 
-    def _reap(self) -> None:
-        """Reap every child that has exited: generations, and orphans we adopted."""
-        while True:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            status = os.waitstatus_to_exitcode(wait_status)
-            generation = self._live.pop(pid, None)
-            if generation is None:
-                self._log.debug("reaped %d (status %d)", pid, status)
-                continue
-            generation.reaped(status)
-            self._log.info("%s exited with status %d", generation, status)
-            self._on_generation_exit(generation)
+    def _on_child_exit(self, pid: int, status: int) -> None:
+        """A child was reaped: a generation, or an orphan we adopted."""
+        generation = self._live.pop(pid, None)
+        if generation is None:
+            self._log.debug("reaped %d (status %d)", pid, status)
+            return
+        generation.reaped(status)
+        self._log.info("%s exited with status %d", generation, status)
+        self._on_generation_exit(generation)
 
     def _on_generation_exit(self, generation: Generation) -> None:
         if self._machine.state is State.DRAINING:
             self._check_stopped()
         elif generation is self._serving and self._machine.state is State.SERVING:
             self._stop_by_itself(generation)
-        elif generation is self._old and self._machine.state is State.PROBATION:
+        elif generation is self._old and self.state in (State.RESTARTING, State.PROBATION):
             self._log.warning(
-                "the serving %s exited during the probation: committing early; no fallback",
+                "the serving %s exited %s; no fallback",
                 generation,
+                "during the probation: committing early"
+                if self.state is State.PROBATION
+                else "while its successor starts: committing as soon as it is ready",
             )
             self._restarts.cut_probation()
-        elif generation is self._serving:
-            self._log.warning("the serving %s exited during a restart", generation)
 
     def _stop_by_itself(self, serving: Generation) -> None:
         """The serving generation is gone: stop the rest, briefly, and exit with its status."""
         self._begin_stop(f"the serving {serving} exited by itself")
-        for other in list(self._live.values()):
-            self._log.info("passing SIGTERM on to %s", other)
-            other.send_signal(signal.SIGTERM)
+        self._pass_on(signal.SIGTERM)
         if self._live:
             self._tasks().start_soon(self._kill_after_grace)
 
     async def _kill_after_grace(self) -> None:
-        await trio.sleep(EXIT_GRACE)
+        await trio.sleep(STOP_GRACE)
         for generation in list(self._live.values()):
-            self._log.warning("%s still runs after %gs: killing it", generation, EXIT_GRACE)
+            self._log.warning("%s still runs after %gs: killing it", generation, STOP_GRACE)
             await generation.successor.kill()
 
     # -- the steps -----------------------------------------------------------------------
@@ -605,8 +645,7 @@ class Keeper:
 
     def _control_status(self) -> dict[str, Any]:
         """What ``graceful-restart status`` shows (see ``_control``)."""
-        serving = self._serving if self._serving and self._serving.status is None else None
-        starting = self._new if self._new is not self._serving else None
+        serving, starting, draining = self._roles()
         return {
             "pid": serving.pid if serving else None,
             "main_pid": self._pid,  # what a stop waits for
@@ -617,14 +656,8 @@ class Keeper:
             "leases": None,  # the generations count their own
             "keeper": self._pid,
             "successor": starting.pid if starting else None,
-            "draining": [
-                {"pid": g.pid, "role": f"generation {g.number}"}
-                for g in self._live.values()
-                if g is not serving and g is not starting
-            ],
-            "listeners": [
-                {"name": name, "address": describe_address(sock)} for name, sock in self._listeners
-            ],
+            "draining": [{"pid": g.pid, "role": f"generation {g.number}"} for g in draining],
+            "listeners": self._held.describe(),
             "restarts": dict(self._restarts.counts),
             "last_restart": self._restarts.last,
             "pid_file_error": self._pid_file_error,
@@ -649,8 +682,7 @@ class Keeper:
         for generation in self._live.values():  # only after a bug: ask them to stop
             generation.send_signal(signal.SIGTERM)
             generation.successor.close()
-        _close_listeners(self._listeners)
-        self._listeners = []
+        self._held.close()
         if self._notifier is not None:
             self._notifier.close()
         if self.pid_file is not None and not remove_pid_file(self.pid_file, self._pid):
@@ -683,17 +715,3 @@ def _check_sockets(names: list[str], fds: list[int]) -> None:
 def _close_listeners(listeners: Listeners) -> None:
     for _, sock in listeners:
         sock.close()  # never shutdown(): a generation shares it
-
-
-def _exit_code(status: int) -> int:
-    """A status as a shell reports it: 128 + N for death by signal N."""
-    return status if status >= 0 else 128 - status
-
-
-def _become_subreaper() -> None:
-    """Adopt the processes our generations orphan, as PID 1 would (Linux only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass

@@ -136,10 +136,18 @@ def main() -> int:
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     try:
         pid = _spawn(cwd, command, fds)
-        pidfd = os.pidfd_open(pid)
     except OSError as error:
         _say(control, f"failed {error.errno} {error.strerror}: {command[0]}")
         return 1
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as error:  # it must not live on, unfollowed: it would take charge
+        _kill_everything(pid)
+        _say(control, f"failed {error.errno} {error.strerror}: {command[0]}")
+        return 1
+    # The successor has its own copies: ours would keep its channel open after it closed
+    # its end (stopping serving would go unseen) and its listeners alive for nothing.
+    os.closerange(CONTROL_FD + 1, CONTROL_FD + 1 + fds)
     _say(control, f"started {pid}", [pidfd])
     poller = select.poll()
     poller.register(control, select.POLLIN)

@@ -59,13 +59,16 @@ def check_pid_file(path: Path) -> None:
         PidFileError: its directory is missing or is not a directory, or ``path`` or its
             record exists and is not a regular file.
     """
-    if not path.parent.is_dir():
-        raise PidFileError(f"pid file {path}: directory {path.parent} does not exist")
-    for file in (path, record_path(path)):
-        if file.is_symlink() or (file.exists() and not file.is_file()):
-            # The file is replaced by a rename: that would replace a device (/dev/null,
-            # say), a directory, or a link, rather than write to it.
-            raise PidFileError(f"pid file {file} exists and is not a regular file")
+    try:
+        if not path.parent.is_dir():
+            raise PidFileError(f"pid file {path}: directory {path.parent} does not exist")
+        for file in (path, record_path(path)):
+            if file.is_symlink() or (file.exists() and not file.is_file()):
+                # The file is replaced by a rename: that would replace a device (/dev/null,
+                # say), a directory, or a link, rather than write to it.
+                raise PidFileError(f"pid file {file} exists and is not a regular file")
+    except OSError as error:  # a directory we may not search, say
+        raise PidFileError(f"pid file {path}: {error}") from error
 
 
 def write_pid_file(path: Path, pid: int, last_restart: dict[str, Any] | None = None) -> None:

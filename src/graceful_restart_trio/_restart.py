@@ -38,8 +38,9 @@ Who serves afterwards is never "nobody":
   in the side's own nursery: a caller that stops waiting does not stop it.
 
 Each phase is marked on the restart's :class:`Timeline`; every restart ends with one
-outcome (``committed``, ``failed``, or ``refused`` when it could not start), counted in
-:attr:`Restarts.counts` and kept as :attr:`Restarts.last` for the status.
+outcome: ``committed`` or ``failed``, counted in :attr:`Restarts.counts` and kept as
+:attr:`Restarts.last` for the status, or ``refused`` when it could not start (only its
+asker hears of that).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ FIRST_START = "start"
 @final
 @attrs.frozen
 class Launch:
-    """How a side starts its successor: what :meth:`Side.begin` returns."""
+    """How a side starts its successor: what :meth:`Side._begin` returns."""
 
     command: Sequence[str]
     env: Mapping[str, str]
@@ -149,6 +150,7 @@ class Restarts:
     """The successor on probation, if any."""
     _scope: trio.CancelScope | None = None
     _probation_ended: trio.Event = attrs.field(factory=trio.Event)
+    _committed: bool = False
 
     @property
     def under_way(self) -> bool:
@@ -188,6 +190,9 @@ class Restarts:
                 outcome.append((await self.run(timeline))[0])
             except RestartError as error:
                 outcome.append(error)
+            except Exception as error:  # a bug of a side's: never the serving process's end
+                self.log.exception("the restart failed unexpectedly")
+                outcome.append(RestartError(f"restart failed: unexpected error: {error!r}"))
             finally:
                 done.set()
 
@@ -231,21 +236,19 @@ class Restarts:
                 its traceback; the side serves on).
         """
         self._scope = self._scope or trio.CancelScope()
-        self._probation_ended = trio.Event()
+        self._probation_ended, self._committed = trio.Event(), False
         try:
             with self._scope:
                 await trio.lowlevel.checkpoint()  # a shutdown may have come since it was asked
                 return await self._hand_over(self.side._begin(timeline), timeline)
             raise RestartError(f"restart abandoned: this process is {self.side.state.value}")  # noqa: TRY301
         except RestartError as error:
-            self.conclude(timeline, "failed", str(error))
-            self.side._failed(error)
+            self._end_badly(timeline, error, str(error))
             raise
         except Exception as error:
             self.log.exception("the restart failed unexpectedly")
             failure = RestartError(f"restart failed: unexpected error: {error!r}")
-            self.conclude(timeline, "failed", f"unexpected error: {error!r}")
-            self.side._failed(failure)
+            self._end_badly(timeline, failure, f"unexpected error: {error!r}")
             raise failure from error
         except BaseException:
             self.conclude(timeline, "failed", "abandoned")
@@ -253,6 +256,14 @@ class Restarts:
         finally:
             self._scope = self.successor = None
             self.follow_up()
+
+    def _end_badly(self, timeline: Timeline, error: RestartError, reason: str) -> None:
+        if self._committed:  # an error after the point of no return: the successor serves
+            self.log.error("after the commit: %s", reason)
+            self.conclude(timeline, "committed")
+        else:
+            self.conclude(timeline, "failed", reason)
+            self.side._failed(error)
 
     def follow_up(self) -> None:
         """Carry out a restart asked for while none could start, if one can now."""
@@ -262,29 +273,23 @@ class Restarts:
             self.request(Timeline("SIGHUP"))
 
     async def _hand_over(self, launch: Launch, timeline: Timeline) -> tuple[Successor, Any]:
-        try:
-            me = os.pidfd_open(self.pid)
-        except OSError as error:
-            raise SuccessorStartError(f"cannot open a pidfd for pid {self.pid}: {error}") from error
         started = time.monotonic()
         deadline = trio.current_time() + launch.ready_timeout  # the start counts against it
-        try:
-            successor = await _start(launch, [me, *launch.sockets], deadline)
-        finally:
-            os.close(me)
+        successor = await _start(self.pid, launch, deadline)
         name = launch.label.format(successor.pid)
         self.log.info("%s started: %s", name, " ".join(launch.command))
         timeline.mark("spawned", successor=successor.pid)
-        paused = False
+        accepting = False  # from its ready on, it may hold connections from the queues
         try:
             ready = launch.accept_ready(*await _ready(successor, deadline, launch.ready_timeout))
+            accepting = True
             after = (time.monotonic() - started) * 1000
             self.log.info(
                 "%s is ready after %.0f ms: probation for %gs", name, after, launch.probation
             )
             timeline.mark("ready")
             self.side._pause(successor)
-            paused, self.successor = True, successor
+            self.successor = successor
             timeline.mark("stopped accepting", probation=launch.probation)
             try:
                 if await _probation(successor, launch.probation, self._probation_ended):
@@ -294,12 +299,19 @@ class Restarts:
                 self.side._resume(error)
                 raise
             timeline.mark("committed")
-            self.side._commit(successor, ready, timeline)
+            self._committed = True  # the point of no return: nothing undoes it from here
+            try:
+                self.side._commit(successor, ready, timeline)
+            except RestartError:  # refused before it changed anything: a shutdown came
+                self._committed = False
+                raise
         except InheritanceError as error:  # what came with its ready
             await _kill(successor)
             raise SuccessorStartError(f"{name} said ready wrongly: {error}") from None
         except BaseException as error:
-            if paused and not successor.has_exited():  # it may hold connections: let it finish
+            if self._committed:
+                raise
+            if accepting and not successor.has_exited():  # it may hold connections
                 self.side._retire(successor, not isinstance(error, SuccessorExitedError))
             else:
                 await _kill(successor)
@@ -320,11 +332,19 @@ class Restarts:
         return self.nursery
 
 
-async def _start(launch: Launch, fds: list[int], deadline: float) -> Successor:
-    with trio.move_on_at(deadline):
-        return await Successor.start(
-            launch.command, env=launch.env, cwd=startup_directory(), fds=fds
-        )
+async def _start(pid: int, launch: Launch, deadline: float) -> Successor:
+    """Start the successor, with a pidfd naming ``pid`` (the side) before the sockets."""
+    try:
+        me = os.pidfd_open(pid)
+    except OSError as error:
+        raise SuccessorStartError(f"cannot open a pidfd for pid {pid}: {error}") from error
+    try:
+        with trio.move_on_at(deadline):
+            return await Successor.start(
+                launch.command, env=launch.env, cwd=startup_directory(), fds=[me, *launch.sockets]
+            )
+    finally:
+        os.close(me)
     raise SuccessorTimeoutError(f"the launcher did not start {launch.command[0]!r} in time")
 
 

@@ -296,7 +296,8 @@ class Successor:
         """Stop following it (it keeps running), and close the channel. Idempotent."""
         if self._launcher_pidfd >= 0:  # dropped mid-way: the launcher must not outlive us
             with contextlib.suppress(OSError):
-                os.kill(self._launcher_pid, signal.SIGKILL)  # unreaped: still ours
+                # By its pidfd: under the keeper, which reaps every child, the pid may be free.
+                signal.pidfd_send_signal(self._launcher_pidfd, signal.SIGKILL)
             _reap(self._launcher_pid, self._launcher_pidfd)
             self._launcher_pidfd = -1
         self._control.socket.close()
@@ -313,7 +314,7 @@ async def _abort(pid: int, pidfd: int, control: socket.socket) -> None:
     with trio.move_on_after(LAUNCHER_GRACE):
         await trio.lowlevel.wait_readable(pidfd)
     with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid still names it
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     _reap(pid, pidfd)
     control.close()
 

@@ -159,7 +159,11 @@ def _describe_event(event: dict[str, Any]) -> str:
         "ready": "successor ready",
         "stopped accepting": f"old copy stopped accepting: probation {event.get('probation')}s",
         "committed": "handover committed",
-        "draining": f"old copy draining {event.get('leases')} lease(s)",
+        "draining": (
+            f"old copy draining {event['leases']} lease(s)"
+            if event.get("leases") is not None
+            else f"old generation {event.get('generation')} (pid {event.get('pid')}) draining"
+        ),
     }.get(name, name)
     return f"{text} ({ms} ms)" if ms is not None else text
 

@@ -9,6 +9,7 @@ then, from another terminal::
     curl http://127.0.0.1:8000/                 # "hello from pid N"
     curl 'http://127.0.0.1:8000/sleep?seconds=5' &
     kill -HUP "$(cat /tmp/demo.pid)"            # new pid answers; the sleeper still completes
+    sleep 6                                     # the 5 s probation: then the new pid is main
     kill -TERM "$(cat /tmp/demo.pid)"           # drain and exit
 
 It is a small ASGI app served by :func:`graceful_restart_trio.asgi.serve`: HTTP/1.1 on

@@ -9,7 +9,9 @@ from pid N``, ``GET /sleep?seconds=S`` answers the same after S seconds. Once th
 process stops accepting, each answer says ``Connection: close``.
 
 ``--raise-when-done``: the body raises once its accept loop has ended (an application's
-own bug, met during a probation).
+own bug, met during a probation). ``--end-on-restart``: the body ends its accept loop as
+soon as a restart begins, before the successor is ready. ``--ready-delay S``: wait S
+seconds before saying ready.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 
 import graceful_restart_trio as graceful_restart
-from graceful_restart_trio import ACCEPTING
+from graceful_restart_trio import ACCEPTING, State
 
 
 class BodyError(Exception):
@@ -77,8 +79,14 @@ async def main(args: argparse.Namespace) -> None:
                         handler, listeners, handler_nursery=handlers, task_status=task_status
                     )
 
+            await trio.sleep(args.ready_delay)
             await handlers.start(accept_loop)
             gr.ready()
+            if args.end_on_restart:
+                await gr.state_value.wait_value(
+                    lambda state: state in (State.RESTARTING, State.DRAINING)
+                )
+                handlers.cancel_scope.cancel()
         if args.raise_when_done:
             raise BodyError("the body failed after its accept loop ended")
 
@@ -89,6 +97,8 @@ if __name__ == "__main__":
     parser.add_argument("--pid-file", required=True)
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--raise-when-done", action="store_true")
+    parser.add_argument("--end-on-restart", action="store_true")
+    parser.add_argument("--ready-delay", type=float, default=0.0)
     arguments = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
