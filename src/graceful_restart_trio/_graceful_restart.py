@@ -633,11 +633,8 @@ class GracefulRestart:
     async def _stop_successor(self, successor: Successor) -> None:
         try:
             async with _surviving(self._log, "following a retired successor"):
-                await successor.wait_exit()
+                await successor.wait_retired()
         finally:
-            with trio.CancelScope(shield=True):
-                await successor.kill()  # whatever it left
-            successor.close()
             self._leases.__exit__(None, None, None)  # the lease retire took
 
     def shutdown(self, *, immediate: bool = False) -> None:

@@ -125,7 +125,7 @@ class Generation:
     status: int | None = None
     exited: trio.Event = attrs.field(factory=trio.Event)
     retiring: bool = False
-    """A task follows it to its end (:meth:`wait_retired`), and closes it then."""
+    """A task follows it to its end (:meth:`Successor.wait_retired`), and closes it then."""
 
     @property
     def pid(self) -> int:
@@ -146,16 +146,6 @@ class Generation:
             os.write(self.successor.channel.fileno(), encode_word(word, pid))
         except OSError as error:
             logging.getLogger(LOGGER).warning("cannot tell %s %r: %s", self, word, error)
-
-    async def wait_retired(self) -> int | None:
-        """Follow it to its end, whoever reaps it (the launcher, or the keeper once the
-        launcher let it go), then kill whatever it left and close it; its status if known."""
-        try:
-            return await self.successor.wait_exit()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.successor.kill()  # whatever it left
-            self.successor.close()
 
     def reaped(self, status: int) -> None:
         """Record its exit status and wake whoever waits for it."""
@@ -520,7 +510,11 @@ class Keeper:
         self._tasks().start_soon(self._wait_retired, generation)
 
     async def _wait_retired(self, generation: Generation) -> None:
-        status = await generation.wait_retired()
+        status: int | None = None
+        try:
+            status = await generation.successor.wait_retired()
+        except Exception:  # a bug must not take the keeper, and the application, down
+            self._log.exception("following the retired %s failed", generation)
         if self._live.pop(generation.pid, None) is not None:
             generation.reaped(status if status is not None else 0)
             self._log.info("%s exited with status %s", generation, status)
