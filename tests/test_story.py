@@ -254,13 +254,10 @@ async def test_death_on_probation_resumes_the_side() -> None:
     assert restarts.counts == {"failed": 1}
 
 
-@pytest.mark.parametrize("behaviour", ["ready-then-stop-serving", "ready-then-close"])
-async def test_a_successor_that_stops_serving_on_probation_is_retired_unasked(
-    behaviour: str,
-) -> None:
-    """It shut its channel down, or closed it, but lives on (finishing its work): the
-    side accepts again, and lets it finish without asking it to stop."""
-    side = FakeSide(behaviour)
+async def test_a_successor_that_stops_serving_on_probation_is_retired_unasked() -> None:
+    """It shut its channel down but lives on (finishing its work): the side accepts
+    again, and lets it finish without asking it to stop."""
+    side = FakeSide("ready-then-stop-serving")
     restarts = restarts_of(side)
     timeline = Timeline("call")
     with pytest.raises(SuccessorExitedError, match="stopped serving during its probation"):

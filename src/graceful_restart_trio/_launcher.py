@@ -145,9 +145,6 @@ def main() -> int:
         _kill_everything(pid)
         _say(control, f"failed {error.errno} {error.strerror}: {command[0]}")
         return 1
-    # The successor has its own copies: ours would keep its channel open after it closed
-    # its end (stopping serving would go unseen) and its listeners alive for nothing.
-    os.closerange(CONTROL_FD + 1, CONTROL_FD + 1 + fds)
     _say(control, f"started {pid}", [pidfd])
     poller = select.poll()
     poller.register(control, select.POLLIN)

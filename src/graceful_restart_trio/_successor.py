@@ -43,10 +43,6 @@ FIRST_FD = 3
 LAUNCHER_SOURCE = Path(__file__).with_name("_launcher.py").read_text(encoding="utf-8")
 """Read now: a deploy may replace or remove this file before the next restart."""
 
-EXIT_NOTICE = 0.1
-"""Seconds between a successor's channel closing and its exit being known, at most, for
-the close to count as an exit rather than as "stopped serving"."""
-
 LAUNCHER_GRACE = 10.0
 """Seconds the launcher gets to kill and reap what a successor left, or to exit."""
 
@@ -245,10 +241,9 @@ class Successor:
 
             nursery.start_soon(exited)
             await self.reader.drop_until_closed()  # nothing more is said after "ready"
-            # A process that exits closes the channel a moment before its pidfd says so,
-            # and the launcher then reports its status: an exit within EXIT_NOTICE is one.
-            await trio.sleep(EXIT_NOTICE)
-            nursery.cancel_scope.cancel()
+            await trio.lowlevel.checkpoint()  # let an exit that closed the channel be seen first
+            if not self.has_exited():
+                nursery.cancel_scope.cancel()
         return stopped[0] if stopped else None
 
     async def wait_retired(self) -> int | None:

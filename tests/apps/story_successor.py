@@ -8,9 +8,9 @@ no listeners, only what the predecessor sees on the channel. Standard library on
 - ``ready-then-exit``: says ready, then exits with status 4;
 - ``ready-then-stop-serving``: says ready, then shuts its end of the channel down for
   writing (as the library does when it stops serving before it was handed the
-  service), then waits for ``SIGTERM``;
-- ``ready-then-close``: the same with a plain close of the channel (the launcher keeps
-  no copy of it: the predecessor sees this too);
+  service: the launcher holds a copy of the channel until the commit, so that a
+  successor's death is reported with its status, and a mere close is not seen), then
+  waits for ``SIGTERM``;
 - ``ready-then-stay``: says ready, then waits for ``SIGTERM``;
 - ``garbage``: says ``hello`` instead of ready, then waits for ``SIGTERM``.
 
@@ -31,7 +31,6 @@ BEHAVIOURS = frozenset(
         "never-ready",
         "ready-then-exit",
         "ready-then-stop-serving",
-        "ready-then-close",
         "ready-then-stay",
         "garbage",
     }
@@ -53,8 +52,6 @@ def main(behaviour: str) -> int:
     if behaviour == "ready-then-stop-serving":
         with socket.socket(fileno=os.dup(CHANNEL)) as channel:
             channel.shutdown(socket.SHUT_WR)
-    if behaviour == "ready-then-close":
-        os.close(CHANNEL)
     signal.sigwait({signal.SIGTERM})
     return 0
 
