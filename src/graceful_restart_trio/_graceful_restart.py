@@ -96,7 +96,7 @@ from ._handover import (
 )
 from ._leases import LeaseCounter
 from ._listeners import ListenerRegistry
-from ._logging import PrefixLog
+from ._logging import PrefixLog, surviving
 from ._options import OpenOptions, Options
 from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
 from ._restart import Launch, Restarts
@@ -632,7 +632,7 @@ class GracefulRestart:
 
     async def _stop_successor(self, successor: Successor) -> None:
         try:
-            async with _surviving(self._log, "following a retired successor"):
+            async with surviving(self._log, "following a retired successor"):
                 await successor.wait_retired()
         finally:
             self._leases.__exit__(None, None, None)  # the lease retire took
@@ -818,7 +818,7 @@ class GracefulRestart:
         side is gone: a successor of a process is then on its own, and in charge.
         """
         assert self._inheritance is not None
-        async with _surviving(self._log, "following the channel"):
+        async with surviving(self._log, "following the channel"):
             reader = LineReader(trio.socket.from_stdlib_socket(self._inheritance.channel.dup()))
             with reader.socket:
                 while line := await reader.receive_line():
@@ -927,7 +927,7 @@ class GracefulRestart:
     async def _serve_control(self) -> None:
         assert self._control is not None
         with self._control_scope:
-            async with _surviving(self._log, "the control socket"):
+            async with surviving(self._log, "the control socket"):
                 await serve_control(self._control, self, self._log, self._nursery)
 
     def _control_restart(self, timeline: Timeline) -> float:
@@ -1023,15 +1023,6 @@ def _usec(seconds: float) -> int:
 
 def _signal_name(sig: int) -> str:
     return signal.Signals(sig).name
-
-
-@asynccontextmanager
-async def _surviving(log: PrefixLog, what: str) -> AsyncIterator[None]:
-    """A background task's body: an unexpected error is logged, never fatal to the server."""
-    try:
-        yield
-    except Exception:
-        log.exception("%s failed; still serving", what)
 
 
 _active: GracefulRestart | None = None

@@ -76,7 +76,7 @@ from ._exceptions import (
 )
 from ._handover import DRAIN, ENV_VAR, MAIN, PAUSE, RESUME, encode, encode_word, parse_ready
 from ._listeners import ListenerRegistry, describe_address
-from ._logging import PrefixLog
+from ._logging import PrefixLog, surviving
 from ._options import probation_seconds, ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
 from ._reaper import FORWARDED, become_subreaper, exit_code, reap
@@ -511,10 +511,8 @@ class Keeper:
 
     async def _wait_retired(self, generation: Generation) -> None:
         status: int | None = None
-        try:
+        async with surviving(self._log, f"following the retired {generation}"):
             status = await generation.successor.wait_retired()
-        except Exception:  # a bug must not take the keeper, and the application, down
-            self._log.exception("following the retired %s failed", generation)
         if self._live.pop(generation.pid, None) is not None:
             generation.reaped(status if status is not None else 0)
             self._log.info("%s exited with status %s", generation, status)
@@ -632,10 +630,8 @@ class Keeper:
         nursery.start_soon(self._serve_control, listener)
 
     async def _serve_control(self, listener: trio.SocketListener) -> None:
-        try:
+        async with surviving(self._log, "the control socket"):
             await serve_control(listener, self, self._log, self._tasks())
-        except Exception:  # a bug must not take the keeper, and the application, down
-            self._log.exception("the control socket failed; the keeper goes on without it")
 
     def _control_status(self) -> dict[str, Any]:
         """What ``graceful-restart status`` shows (see ``_control``)."""

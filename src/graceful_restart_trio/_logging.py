@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Any
 
-__all__ = ["PrefixLog"]
+__all__ = ["PrefixLog", "surviving"]
 
 
 class PrefixLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -22,3 +23,14 @@ class PrefixLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         kwargs: MutableMapping[str, Any],
     ) -> tuple[Any, Any]:
         return f"{self.prefix} {msg}", kwargs
+
+
+@asynccontextmanager
+async def surviving(log: logging.LoggerAdapter, what: str) -> AsyncIterator[None]:  # type: ignore[type-arg]
+    """The body of a task the library runs for someone else (a control socket, a channel,
+    a retired successor): an unexpected error is logged with its traceback, and ends
+    that task only, never the serving process or the keeper."""
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed; still serving", what)
