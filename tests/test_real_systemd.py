@@ -323,6 +323,36 @@ def test_the_keeper_unit_reloads_and_stops_cleanly(machine: Machine, tmp_path: P
     assert "SIGKILL" not in machine.console()
 
 
+def test_the_keeper_unit_with_two_workers_rolls_and_stops_cleanly(
+    machine: Machine, tmp_path: Path
+) -> None:
+    """``--workers 2`` as the unit's main process: each reload rolls both workers under
+    load (MainPID stays the keeper), stop drains both."""
+    port = start(machine, tmp_path, keeper="--probation 0.5 --workers 2")
+    main = machine.main_pid(UNIT)
+    app_log = tmp_path / "app.log"
+    sleeps = LogTail(app_log, "request /sleep started")
+    traffic = load(port)
+    with traffic, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for roll in (1, 2, 3):
+            machine.systemctl("reload", UNIT)
+            wait_until(
+                lambda: app_log.read_text().count("handed over from worker 1 ") == roll,  # noqa: B023
+                f"roll {roll} to replace both workers",
+            )
+            assert machine.main_pid(UNIT) == main
+        requests = slow_requests(pool, port, 2)
+        wait_started(sleeps, 2)
+        traffic.stop()
+        machine.systemctl("stop", UNIT)
+        statuses = [request.result()[0] for request in requests]
+    assert failures(traffic) == []
+    assert statuses == [200, 200]
+    assert app_log.read_text().count("handed over from worker 0 ") == 3
+    assert state(machine)["Result"] == "success", log(tmp_path) + machine.console()
+    assert "SIGKILL" not in machine.console()
+
+
 def test_the_fd_store_keeps_the_queue_across_systemctl_restart(
     machine: Machine, tmp_path: Path
 ) -> None:

@@ -49,6 +49,14 @@ class Timeline:
     _started: float = attrs.field(factory=time.monotonic)
     _stderr_from: int | None = attrs.field(factory=_stderr_size)
     _watchers: list[trio.MemorySendChannel[dict[str, Any]]] = attrs.field(factory=list)
+    _parent: Timeline | None = None
+    """The restart this is one step of (one worker of a keeper's roll)."""
+    _prefix: str = ""
+
+    def step(self, name: str) -> Timeline:
+        """The timeline of one step of this restart: its phases are marked here too, as
+        ``"<name>: <phase>"``; its outcome is its own."""
+        return Timeline(self.trigger, parent=self, prefix=f"{name}: ")
 
     def watch(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         """The events from now on: ``{"event": phase, "ms": ..., ...}``, then the outcome."""
@@ -61,6 +69,8 @@ class Timeline:
         self.phases[phase] = ms
         self.details.update(details)
         self._emit({"event": phase, "ms": ms, **details})
+        if self._parent is not None:
+            self._parent.mark(self._prefix + phase, **details)
 
     def finish(self, outcome: str, reason: str | None = None) -> None:
         """The restart is over: ``committed`` or ``failed`` (``reason`` says why)."""

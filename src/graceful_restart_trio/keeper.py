@@ -8,7 +8,8 @@ runit, systemd ``Type=simple``)::
 
 ``kill -HUP <keeper pid>`` starts a new generation of the application with the listening
 sockets, waits until it is ready, and drains the old one; ``kill -TERM`` drains and
-exits with the application's status. The application is the same program as without a
+exits with the application's status. ``--workers N`` runs N copies on the same sockets
+(one per core) and rolls them one after another. The application is the same program as without a
 keeper (it uses :func:`graceful_restart_trio.open`); the library notices the keeper.
 See :class:`Keeper` for the details.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,11 +52,24 @@ def _probation(text: str) -> float:
         ) from None
 
 
+def _workers(text: str) -> int:
+    """``N`` (at least 1), or ``auto``: the CPUs this process may run on."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, or auto: {text!r}")
+    return workers
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         usage="%(prog)s [--pid-file F] [--ready-timeout S] [--probation S] [--fd-store] "
-        "[--control PATH] [--log-level L] -- command args...",
+        "[--control PATH] [--workers N] [--log-level L] -- command args...",
         description="Run an application built on graceful_restart_trio under a process "
         "with a stable pid: SIGHUP restarts the application without losing a connection, "
         "SIGTERM/SIGINT drain it and exit with its status.",
@@ -86,6 +101,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="serve graceful-restart status/restart/stop on this unix socket (mode 0600)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N copies of the application on the same sockets, one per core: a "
+        "restart replaces them one after another, a crashed one is replaced; auto: one "
+        "per usable CPU (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",
@@ -129,6 +153,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "graceful-restart-keeper
         pid_file=options.pid_file,
         fd_store=options.fd_store,
         control=options.control,
+        workers=options.workers,
     )
     try:
         return trio.run(keeper.run)

@@ -98,7 +98,7 @@ async def echo(gr: graceful_restart.GracefulRestart, stream: trio.SocketStream) 
 async def logged_app(scope: Scope, receive: Receive, send: Send) -> None:
     """The demo app, logging when a request starts (tests wait for that line)."""
     if scope["type"] == "http":
-        logging.getLogger("app").info("request %s started", scope["path"])
+        logging.getLogger("app").info("request %s started in pid %d", scope["path"], os.getpid())
     await app(scope, receive, send)
 
 

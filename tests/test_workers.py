@@ -1,0 +1,189 @@
+"""``graceful-restart keeper --workers 2``: two copies of the test server on the same
+sockets, rolled one after another, a crashed one replaced, all drained on SIGTERM.
+
+Every assertion is on a structured record: the keeper's status (``--json``), the exit
+statuses, the load clients' tallies (which pid answered each request, every failure).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._load import HttpKeepAlive, HttpOneShot, start_clients
+from .conftest import TIMEOUT, Server, children, http_get, wait_until
+from .test_control import cli
+from .test_keeper import CAP, children_of, start_keeper
+
+StartServer = Callable[..., Server]
+
+WORKERS = 2
+SLOW_MAX = 30
+
+
+def start_workers(
+    start_server: StartServer, tmp_path: Path, *args: str
+) -> tuple[Server, Path, list[int]]:
+    """The keeper with two workers and a control socket; the workers' pids once both serve."""
+    control = tmp_path / "keeper-control.sock"
+    options = ["--workers", str(WORKERS), "--control", str(control), "--probation", "0.3"]
+    server = start_keeper(start_server, tmp_path, *args, keeper_options=options)
+    wait_until(control.exists, "the keeper's control socket")
+    return server, control, serving_workers(control, generation=1)
+
+
+def status(control: Path) -> dict[str, Any]:
+    answer = cli("status", "--control", str(control), "--json")
+    assert answer.returncode == 0, answer
+    import json  # noqa: PLC0415 - only here
+
+    result: dict[str, Any] = json.loads(answer.stdout)
+    return result
+
+
+def serving_workers(control: Path, generation: int) -> list[int]:
+    """Wait until every worker of ``generation`` serves; their pids, by slot."""
+
+    def serving() -> list[int] | None:
+        workers = status(control)["workers"]
+        if all(w["state"] == "serving" and w["generation"] == generation for w in workers):
+            return [w["pid"] for w in workers]
+        return None
+
+    return wait_until(serving, f"{WORKERS} workers of generation {generation} to serve")
+
+
+def test_rolls_under_load_lose_no_request(start_server: StartServer, tmp_path: Path) -> None:
+    """Three rolls of two workers under new-connection, keep-alive and slow requests:
+    every request answered, by both workers, and each roll replaces both."""
+    server, control, pids = start_workers(start_server, tmp_path)
+    keeper = server.first.pid
+    assert len(set(pids)) == WORKERS
+    clients = [(f"new-connection-{n}", HttpOneShot) for n in (1, 2, 3)]
+    port = server.port
+    load = start_clients([*clients, ("keep-alive", HttpKeepAlive)], port, CAP)
+    generations = [pids]
+    with load, concurrent.futures.ThreadPoolExecutor() as pool:
+        for generation in (2, 3, 4):
+            answered = load.requests()
+            wait_until(lambda: load.requests() > answered + 20, "requests before the roll")  # noqa: B023
+            started = server.log().count("request /sleep started")
+            slow = pool.submit(http_get, port, "/sleep?seconds=1")
+            wait_until(
+                lambda: server.log().count("request /sleep started") > started,  # noqa: B023
+                "the slow request",
+            )
+            rolled = cli("restart", "--control", str(control))
+            assert rolled.returncode == 0, rolled
+            assert "worker 1: committed" in rolled.stdout
+            generations.append(serving_workers(control, generation))
+            assert slow.result(timeout=TIMEOUT)[0] == 200
+        answered = load.requests()
+        wait_until(lambda: load.requests() > answered + 20, "requests after the last roll")
+    failed = [failure for tally in load.tallies for failure in tally.failures]
+    assert not failed, "\n".join(failed)
+    every = {pid for pids in generations for pid in pids}
+    assert len(every) == WORKERS * 4, generations
+    answering = {pid for tally in load.tallies for pid in tally.pids}
+    assert answering <= every
+    assert set(generations[0]) <= answering, "both first workers took requests"
+    final = status(control)
+    assert final["restarts"] == {"committed": 3}
+    assert [phase for phase in final["last_restart"]["phases"] if "committed" in phase] == [
+        "worker 0: committed",
+        "worker 1: committed",
+    ]
+    wait_until(
+        lambda: sorted(children_of(keeper, zombies=False)) == sorted(generations[-1]),
+        "the old workers to drain",
+    )
+    os.kill(keeper, signal.SIGTERM)
+    assert server.wait_exit(keeper) == 0
+    assert children() == []
+
+
+def test_a_killed_worker_is_replaced_and_no_connection_is_refused(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server, control, (first, second) = start_workers(start_server, tmp_path)
+    load = start_clients([(f"new-connection-{n}", HttpOneShot) for n in (1, 2)], server.port, CAP)
+    with load:
+        answered = load.requests()
+        wait_until(lambda: load.requests() > answered + 20, "requests before the kill")
+        os.kill(second, signal.SIGKILL)
+
+        def replaced() -> int | None:
+            worker = status(control)["workers"][1]
+            pid: int | None = worker["pid"]
+            return pid if worker["state"] == "serving" and pid not in (None, second) else None
+
+        third = wait_until(replaced, "worker 1 to be replaced")
+        answered = load.requests()
+        wait_until(lambda: load.requests() > answered + 20, "requests after the replacement")
+    refused = [f for tally in load.tallies for f in tally.failures if "Refused" in f]
+    assert refused == []
+    assert status(control)["workers"][0]["pid"] == first, "the other worker never noticed"
+    assert {first, third} <= {pid for tally in load.tallies for pid in tally.pids}
+    assert re.search(rf"worker 1 generation 1 pid {second} exited by itself", server.log())
+    os.kill(server.first.pid, signal.SIGTERM)
+    assert server.wait_exit(server.first.pid) == 0
+
+
+def test_a_bad_deploy_stops_the_roll_after_the_first_worker(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server, control, old = start_workers(start_server, tmp_path)
+    server.deploy("crash-at-import")
+    failed = cli("restart", "--control", str(control))
+    assert failed.returncode == 1, failed
+    assert re.search(
+        r"worker 0: successor \d+ exited with status 3 before it was ready", failed.stdout
+    ), failed.stdout
+    after = status(control)
+    assert [w["pid"] for w in after["workers"]] == old
+    assert [w["state"] for w in after["workers"]] == ["serving", "serving"]
+    assert after["restarts"] == {"failed": 1}
+    assert "worker 1 generation 2" not in server.log(), "the roll stopped at worker 0"
+    assert {http_get(server.port)[0] for _ in range(4)} == {200}
+    server.deploy("ok")
+    rolled = cli("restart", "--control", str(control))
+    assert rolled.returncode == 0, rolled
+    assert set(serving_workers(control, generation=3)).isdisjoint(old)
+    os.kill(server.first.pid, signal.SIGTERM)
+    assert server.wait_exit(server.first.pid) == 0
+
+
+def test_sigterm_drains_every_worker(start_server: StartServer, tmp_path: Path) -> None:
+    """Slow requests in flight on both workers: SIGTERM answers them all, then exits 0."""
+    server, _control, pids = start_workers(start_server, tmp_path)
+    keeper = server.first.pid
+    with concurrent.futures.ThreadPoolExecutor(max_workers=SLOW_MAX) as pool:
+        slow = []
+        # New connections go to whichever worker accepts first: send slow requests until
+        # each worker holds one (bounded).
+        while not all(f"request /sleep started in pid {pid}" in server.log() for pid in pids):
+            assert len(slow) < SLOW_MAX, f"no slow request reached each worker\n{server.log()}"
+            slow.append(pool.submit(http_get, server.port, "/sleep?seconds=3"))
+            wait_until(
+                lambda: server.log().count("request /sleep started") == len(slow),
+                "the slow request to start",
+            )
+        os.kill(keeper, signal.SIGTERM)
+        answers = [future.result(timeout=TIMEOUT) for future in slow]
+    assert {status for status, _ in answers} == {200}
+    assert {int(body.split()[-1]) for _, body in answers} == set(pids)  # answered by both
+    assert server.wait_exit(keeper) == 0
+    for pid in pids:
+        assert re.search(rf"generation 1 pid {pid} exited with status 0", server.log())
+    assert children() == []
+
+
+def test_workers_must_be_a_whole_number_or_auto(tmp_path: Path) -> None:
+    answer = cli("keeper", "--workers", "0", "--", "true")
+    assert answer.returncode == 2
+    assert "--workers: must be a whole number of at least 1, or auto: '0'" in answer.stderr
