@@ -23,7 +23,14 @@ import trustme
 
 import graceful_restart_trio as graceful_restart
 from graceful_restart_trio import asgi
-from graceful_restart_trio._http11 import CHUNKED, LENGTH, NOTHING, _Request, frame, response_head
+from graceful_restart_trio._http11_messages import (
+    CHUNKED,
+    LENGTH,
+    NOTHING,
+    Request,
+    frame,
+    response_head,
+)
 from graceful_restart_trio._http_connection import LINGER
 from graceful_restart_trio._hypercorn import Config
 
@@ -334,11 +341,11 @@ async def test_h2c_with_prior_knowledge_and_by_upgrade_go_to_hypercorn() -> None
 def test_response_head_rules() -> None:
     """Without a socket: framing headers by method, status and version; the app's own
     ``connection`` and ``transfer-encoding`` replaced; CR or LF in a field refused."""
-    get, head, old = _Request(), _Request(), _Request()
+    get, head, old = Request(), Request(), Request()
     get.method, head.method, old.method, old.version = b"GET", b"HEAD", b"GET", "1.0"
     mixed = [(b"Connection", b"keep-alive"), (b"Transfer-Encoding", b"gzip"), (b"x-a", b"b")]
 
-    def lines(status: int, request: _Request, close: bool = False) -> list[bytes]:
+    def lines(status: int, request: Request, close: bool = False) -> list[bytes]:
         return response_head(status, mixed, request, close, b"").data.split(b"\r\n")[1:-2]
 
     assert lines(200, get) == [b"x-a: b", b"transfer-encoding: chunked"]

@@ -187,3 +187,29 @@ def test_workers_must_be_a_whole_number_or_auto(tmp_path: Path) -> None:
     answer = cli("keeper", "--workers", "0", "--", "true")
     assert answer.returncode == 2
     assert "--workers: must be a whole number of at least 1, or auto: '0'" in answer.stderr
+
+
+def test_a_restart_asked_for_during_a_roll_follows_it(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A SIGHUP while the roll is under way: a second roll follows; the status shows the
+    roll's progress and every worker, as JSON, text and Prometheus metrics."""
+    server, control, first = start_workers(start_server, tmp_path)
+    keeper = server.first.pid
+    os.kill(keeper, signal.SIGHUP)
+    rolling = wait_until(lambda: status(control)["roll"], "the roll to be under way")
+    assert rolling["of"] == WORKERS
+    os.kill(keeper, signal.SIGHUP)
+    third = serving_workers(control, generation=3)
+    assert set(third).isdisjoint(first)
+    assert status(control)["restarts"] == {"committed": 2}
+    assert "a restart will follow the one under way" in server.log()
+    text = cli("status", "--control", str(control)).stdout
+    for slot, pid in enumerate(third):
+        assert f"  worker {slot}: pid {pid}, generation 3 (serving)" in text
+    metrics = cli("status", "--control", str(control), "--prometheus").stdout
+    for slot in range(WORKERS):
+        assert f'graceful_restart_worker_serving{{worker="{slot}"}} 1.0' in metrics
+        assert f'graceful_restart_worker_generation{{worker="{slot}"}} 3.0' in metrics
+    os.kill(keeper, signal.SIGTERM)
+    assert server.wait_exit(keeper) == 0

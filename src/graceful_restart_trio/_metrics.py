@@ -53,6 +53,24 @@ def exposition(status: dict[str, Any]) -> str:
             "older generations still draining",
             value=len(status.get("draining", [])),
         )
+        workers = status.get("workers") or []
+        if workers:
+            serving = GaugeMetricFamily(
+                "graceful_restart_worker_serving",
+                "1 if the worker slot has a serving process (the keeper's --workers)",
+                labels=["worker"],
+            )
+            generation = GaugeMetricFamily(
+                "graceful_restart_worker_generation",
+                "generation of the process serving in the worker slot",
+                labels=["worker"],
+            )
+            for worker in workers:
+                slot = str(worker["worker"])
+                serving.add_metric([slot], 1.0 if worker["pid"] else 0.0)
+                generation.add_metric([slot], float(worker["generation"] or 0))
+            yield serving
+            yield generation
         restarts = CounterMetricFamily(
             "graceful_restart_restarts", "restarts by outcome", labels=["outcome"]
         )

@@ -247,6 +247,17 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
         print(f"  pid file: {status['pid_file_error']}", file=out)
     for listener in status.get("listeners", []):
         print(f"  listener {listener['name']}: {listener['address']}", file=out)
+    for worker in status.get("workers") or []:
+        successor = f", successor {worker['successor']}" if worker.get("successor") else ""
+        serving = f"pid {worker['pid']}, generation {worker['generation']}" if worker["pid"] else ""
+        print(
+            f"  worker {worker['worker']}: {serving or 'none'} ({worker['state']}{successor})",
+            file=out,
+        )
+    if status.get("roll"):
+        print(
+            f"  rolling: {status['roll']['replaced']} of {status['roll']['of']} replaced", file=out
+        )
     for process in status.get("draining", []):
         leases = process.get("leases")
         held = f", {leases} lease(s)" if leases is not None else ""
