@@ -1,6 +1,7 @@
 """Run a development task (a nox session) with nothing installed by hand.
 
     python3 dev.py demo        # the demo server on port 8000 (kill -HUP it under load)
+    python3 dev.py demo -- --workers 2   # two workers under the keeper, one per core
     python3 dev.py tests       # the whole test suite
     python3 dev.py lint typecheck docs package bench   # the other sessions
     python3 dev.py tests -- -k http                    # arguments after -- go to the session

@@ -52,15 +52,21 @@ def demo(session: nox.Session) -> None:
     """Run the demo HTTP server; kill -HUP restarts it, kill -TERM stops it.
 
     ``nox -s demo -- --keeper`` runs it under the keeper (one stable pid, Ctrl-C works);
-    other arguments go to the demo (default: ``--port 8000 --pid-file demo.pid``).
+    ``-- --workers N`` runs N workers under the keeper, one per core (``auto``: one per
+    CPU). Other arguments go to the demo (default: ``--port 8000 --pid-file demo.pid``).
     """
     session.install("-e", ".[demo]")
-    args = [arg for arg in session.posargs if arg != "--keeper"]
-    args = args or ["--port", "8000", "--pid-file", "demo.pid"]
-    demo = ["python", "-m", "graceful_restart_trio.demo", *args]
-    if "--keeper" in session.posargs:
-        demo = ["python", "-m", "graceful_restart_trio.keeper", "--", *demo]
-    session.run(*demo)
+    args, keeper = list(session.posargs), []
+    if "--keeper" in args:
+        args.remove("--keeper")
+        keeper = ["python", "-m", "graceful_restart_trio.keeper"]
+    if "--workers" in args:
+        at = args.index("--workers")
+        keeper = ["python", "-m", "graceful_restart_trio.keeper", *args[at : at + 2]]
+        del args[at : at + 2]
+    demo = ["python", "-m", "graceful_restart_trio.demo"]
+    demo += args or ["--port", "8000", "--pid-file", "demo.pid"]
+    session.run(*keeper, *(["--"] if keeper else []), *demo)
 
 
 @nox.session
