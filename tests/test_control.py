@@ -18,7 +18,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -26,6 +25,7 @@ import trio
 
 from graceful_restart_trio._control import MAX_CONNECTIONS, serve
 from graceful_restart_trio._logging import PrefixLog
+from graceful_restart_trio._status import Status
 from graceful_restart_trio._timeline import Timeline
 
 from .conftest import TIMEOUT, Server, converse, http_get, wait_until
@@ -363,10 +363,11 @@ class FailingTarget:
     failing: str
     error: Exception
 
-    def _control_status(self) -> dict[str, Any]:
+    def _control_status(self) -> Status:
         if self.failing == "status":
             raise self.error
-        return {"pid": os.getpid(), "main_pid": os.getpid(), "generation": 1, "leases": 0}
+        pid = os.getpid()
+        return Status(pid, pid, "serving", 1, True, 0.0, leases=0, keeper=None, successor=None)
 
     def _control_restart(self, timeline: Timeline) -> float:
         raise NotImplementedError

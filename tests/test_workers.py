@@ -11,12 +11,13 @@ import concurrent.futures
 import os
 import re
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ._load import HttpKeepAlive, HttpOneShot, start_clients
-from .conftest import TIMEOUT, Server, children, http_get, wait_until
+from .conftest import SERVER, TIMEOUT, Server, children, http_get, wait_until
 from .test_control import cli
 from .test_keeper import CAP, children_of, start_keeper
 
@@ -163,7 +164,7 @@ def test_sigterm_drains_every_worker(start_server: StartServer, tmp_path: Path) 
     server, _control, pids = start_workers(start_server, tmp_path)
     keeper = server.first.pid
     with concurrent.futures.ThreadPoolExecutor(max_workers=SLOW_MAX) as pool:
-        slow = []
+        slow: list[concurrent.futures.Future[tuple[int, str]]] = []
         # New connections go to whichever worker accepts first: send slow requests until
         # each worker holds one (bounded).
         while not all(f"request /sleep started in pid {pid}" in server.log() for pid in pids):
@@ -213,3 +214,41 @@ def test_a_restart_asked_for_during_a_roll_follows_it(
         assert f'graceful_restart_worker_generation{{worker="{slot}"}} 3.0' in metrics
     os.kill(keeper, signal.SIGTERM)
     assert server.wait_exit(keeper) == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_others_at_the_first_start(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Worker 0 serves, worker 1 exits 3 before ready: at the first start that is a bad
+    deploy, not a crash to replace; the keeper stops worker 0 and exits 3."""
+    keeper_command = [sys.executable, "-m", "graceful_restart_trio.keeper", "--workers", "2"]
+    server = start_server(
+        command=[*keeper_command, "--", sys.executable, str(SERVER)],
+        deploy="crash-at-second-start",
+    )
+    keeper = server.first.pid
+    assert server.wait_exit(keeper) == 3
+    first = int(re.findall(r"worker 0 generation 1 pid (\d+) started", server.log())[0])
+    assert re.search(rf"worker 0 generation 1 pid {first} exited with status 0", server.log())
+    assert "stopping: generation 1 never became ready" in server.log()
+    assert children() == []
+
+
+def test_a_roll_batch_replaces_workers_together(start_server: StartServer, tmp_path: Path) -> None:
+    """``--roll-batch 2``: both new workers start before either commits."""
+    control = tmp_path / "keeper-control.sock"
+    options = ["--workers", "2", "--roll-batch", "2", "--control", str(control)]
+    server = start_keeper(start_server, tmp_path, keeper_options=[*options, "--probation", "0.3"])
+    wait_until(control.exists, "the keeper's control socket")
+    first = serving_workers(control, generation=1)
+    rolled = cli("restart", "--control", str(control))
+    assert rolled.returncode == 0, rolled
+    assert set(serving_workers(control, generation=2)).isdisjoint(first)
+    phases = status(control)["last_restart"]["phases"]
+    assert phases["worker 1: spawned"] < phases["worker 0: committed"]
+    assert phases["worker 0: spawned"] < phases["worker 1: committed"]
+    bad = cli("keeper", "--workers", "2", "--roll-batch", "3", "--", "true")
+    assert bad.returncode == 2
+    assert "--roll-batch must be from 1 to --workers (2)" in bad.stderr
+    os.kill(server.first.pid, signal.SIGTERM)
+    assert server.wait_exit(server.first.pid) == 0

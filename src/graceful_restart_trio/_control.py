@@ -53,6 +53,7 @@ import trio
 from ._accepting import accept_forever
 from ._handover import peer_credentials
 from ._logging import PrefixLog
+from ._status import Status
 from ._timeline import Timeline
 
 __all__ = [
@@ -89,8 +90,8 @@ class _OperatorGone(Exception):  # noqa: N818 - an event, not a failure
 class Controlled(Protocol):
     """What the process in charge (direct mode) or the keeper does for the commands."""
 
-    def _control_status(self) -> dict[str, Any]:
-        """The status: JSON values only."""
+    def _control_status(self) -> Status:
+        """The status."""
 
     def _control_restart(self, timeline: Timeline) -> float:
         """Start a restart marked on ``timeline`` (which it finishes, refused or not);
@@ -121,12 +122,12 @@ async def serve(
 
 
 async def _status(target: Controlled, reply: Reply) -> None:
-    await reply({"result": "ok", "status": target._control_status()})
+    await reply({"result": "ok", "status": target._control_status().as_json()})
 
 
 async def _restart(target: Controlled, reply: Reply) -> None:
     status = target._control_status()
-    await reply({"event": "requested", "pid": status["pid"], "generation": status["generation"]})
+    await reply({"event": "requested", "pid": status.pid, "generation": status.generation})
     timeline = Timeline("control")
     events = timeline.watch()
     longest = target._control_restart(timeline)
@@ -144,9 +145,9 @@ async def _restart(target: Controlled, reply: Reply) -> None:
 
 async def _stop(target: Controlled, request: dict[str, Any], reply: Reply) -> None:
     status = target._control_status()
-    await reply({"event": "stopping", "pid": status["main_pid"], "leases": status["leases"]})
+    await reply({"event": "stopping", "pid": status.main_pid, "leases": status.leases})
     target._control_stop(bool(request.get("immediate", False)))
-    await reply({"result": "ok", "pid": status["main_pid"]})
+    await reply({"result": "ok", "pid": status.main_pid})
 
 
 def allowed_peer(sock: socket.socket) -> tuple[bool, int]:

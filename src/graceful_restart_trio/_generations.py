@@ -23,6 +23,7 @@ import trio
 from ._exceptions import InheritanceError
 from ._handover import encode_word, parse_ready
 from ._listeners import describe_address
+from ._status import Listener
 from ._successor import Successor
 from ._systemd import listen_sockets
 
@@ -115,9 +116,9 @@ class HeldListeners:
             if sock.family == socket.AF_UNIX and name not in self.systemds
         ]
 
-    def describe(self) -> list[dict[str, str]]:
+    def describe(self) -> tuple[Listener, ...]:
         """Each listener's name and address, for the status."""
-        return [{"name": name, "address": describe_address(sock)} for name, sock in self.listeners]
+        return tuple(Listener(name, describe_address(sock)) for name, sock in self.listeners)
 
     def take_over(self, ready: Listeners) -> None:
         """A new generation serves: hold its listeners, close ours."""

@@ -45,6 +45,12 @@ Who serves afterwards is never "nobody":
 - any other error in the story is logged with its traceback; this process serves on,
   the successor is stopped, and the next restart works.
 
+The parts, each in a module of its own: the restart story (``_restart``: this class
+plays the predecessor's side of it), the upstream (``_upstream``: who handed this
+process the service, and what it says since), the accepting gate (``_accepting``), the
+duties of the process in charge (``_charge``: systemd, the pid file, the control
+socket) and the drain (``_drain``).
+
 Every handler the library runs for someone else (a control connection, the channel, a
 signal) is isolated: its error is logged and ends that one conversation, never this
 process. Every step re-checks the state after each ``await``: a shutdown may come at
@@ -69,52 +75,24 @@ import attrs
 import trio
 from trio_util import AsyncValue
 
-from ._accepting import accept_forever
-from ._control import serve as serve_control
-from ._exceptions import (
-    InheritanceError,
-    PidFileError,
-    RestartError,
-    SuccessorExitedError,
-    UsageError,
-)
-from ._handover import (
-    DRAIN,
-    ENV_VAR,
-    MAIN,
-    PAUSE,
-    RESUME,
-    Inheritance,
-    LineReader,
-    encode,
-    encode_word,
-    parse_history,
-    parse_plain_ready,
-    parse_word,
-    read_inheritance,
-    send_ready,
-)
+from ._accepting import Gate
+from ._charge import Charge
+from ._drain import Drain
+from ._exceptions import RestartError, SuccessorExitedError, UsageError
+from ._handover import MAIN, encode_word
 from ._leases import LeaseCounter
-from ._listeners import ListenerRegistry
+from ._listeners import ListenerRegistry, describe_address
 from ._logging import PrefixLog, surviving
-from ._options import OpenOptions, Options
-from ._pidfile import check_pid_file, remove_pid_file, write_pid_file
+from ._options import EXIT_GRACE, OpenOptions, Options
+from ._pidfile import check_pid_file
 from ._restart import Launch, Restarts
 from ._signals import check_main_thread, receive_signals
-from ._state import ACCEPTING, State, StateMachine
-from ._successor import LAUNCHER_GRACE, Successor, default_command
-from ._systemd import (
-    ACTIVATION_VARIABLES,
-    WATCHDOG_VARIABLES,
-    Notifier,
-    listen_sockets,
-    monotonic_usec,
-    remove_stored_fds,
-    run_watchdog,
-    store_fds,
-    watchdog_interval,
-)
+from ._state import State, StateMachine
+from ._status import Draining, Status
+from ._successor import LAUNCHER_GRACE, Successor
+from ._systemd import Notifier, watchdog_interval
 from ._timeline import Timeline
+from ._upstream import Upstream
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -125,11 +103,6 @@ __all__ = ["DrainReason", "GracefulRestart", "Statistics", "open"]
 
 DrainReason = Literal["handover", "shutdown"]
 """Why a process drains: see :attr:`GracefulRestart.drain_reason`."""
-
-EXIT_GRACE = 5.0
-"""Seconds systemd is asked to wait for a drain beyond ``drain_timeout``."""
-BODY_NOTICE = 1.0
-"""Seconds the drain waits for the ``open()`` body in silence, once the leases are done."""
 
 
 @final
@@ -177,40 +150,34 @@ class GracefulRestart:
     _options: Options
     _nursery: trio.Nursery
     _log: PrefixLog
-    _notifier: Notifier | None
-    _inheritance: Inheritance | None
+    _upstream: Upstream
+    """Who handed this process the service, and what it says since."""
     _listeners: ListenerRegistry
-    _watchdog: float | None
+    _charge: Charge
+    """The duties of the process in charge: systemd, the pid file, the control socket."""
     _machine: StateMachine = attrs.field(factory=StateMachine)
     _leases: LeaseCounter = attrs.field(factory=LeaseCounter)
-    _accept_scopes: set[trio.CancelScope] = attrs.field(factory=set)
-    _draining: trio.Event = attrs.field(factory=trio.Event)
-    _body_done: trio.Event = attrs.field(factory=trio.Event)
-    _served: bool = False
-    """Set once the process said ready. A shutdown before it does not wait for the body
-    (still starting: nothing was served), which is cancelled as soon as the leases are."""
-    _in_charge: trio.Event = attrs.field(factory=trio.Event)
-    """Set once this process is the one in charge: a first start once ready, a successor
-    once its predecessor committed the handover (or is gone). Only then does it speak to
-    systemd, write the pid file, say goodbyes, or restart."""
     _handed_to: Successor | None = None
     """The successor this process handed over to (its channel and pidfd, until the end)."""
     _handed_over: bool = False
     """Set once this process handed the service to a successor: from then on it says no
     goodbye, and leaves the pid file (which the successor rewrites) alone."""
-    _predecessor_exited: trio.Event = attrs.field(factory=trio.Event)
-    _pid_file_error: str | None = None
-    _watchdog_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _shutdown_requests: int = 0
     _pid: int = attrs.field(factory=os.getpid)
     _started_at: float = attrs.field(factory=time.time)
-    _control: trio.SocketListener | None = None
-    _control_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _restarts: Restarts = attrs.field(init=False)
     """This process's restarts, and those of its predecessors (handed on at commit)."""
+    _gate: Gate = attrs.field(init=False)
+    """The accept loops' cancel scopes: closed when this process stops accepting."""
+    _drain: Drain = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._restarts = Restarts(self, self._pid, self._log, self._nursery)
+        self._gate = Gate(self._machine, self._leases, self._log, self.ready)
+        timeout = self._options.drain_timeout
+        self._drain = Drain(
+            self._log, self._leases, timeout, self._nursery, self._charge, self._upstream
+        )
 
     # -- what the application asks -------------------------------------------------------
 
@@ -237,17 +204,17 @@ class GracefulRestart:
     @property
     def generation(self) -> int:
         """1 for a first start, and one more for each restart since."""
-        return self._inheritance.generation if self._inheritance else 1
+        return self._upstream.generation
 
     @property
     def predecessor_pid(self) -> int | None:
         """The pid of the process this one took over from, or None on a first start."""
-        return self._inheritance.predecessor if self._inheritance else None
+        return self._upstream.predecessor
 
     @property
     def keeper_pid(self) -> int | None:
         """The pid of the keeper this process runs under (see :mod:`.keeper`), or None."""
-        return self._inheritance.keeper if self._inheritance else None
+        return self._upstream.keeper
 
     def statistics(self) -> Statistics:
         """A snapshot of the state, the leases held, the generation and the pids."""
@@ -291,15 +258,8 @@ class GracefulRestart:
                     if not await gr.wait_resumed():
                         break
         """
-        scope = trio.CancelScope()
-        if self.state not in ACCEPTING:
-            scope.cancel()
-        self._accept_scopes.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._accept_scopes.discard(scope)
+        with self._gate.accepting() as scope:
+            yield scope
 
     async def wait_resumed(self) -> bool:
         """After :meth:`accepting` was cancelled: True if this process accepts again.
@@ -307,12 +267,12 @@ class GracefulRestart:
         It waits while a successor is on probation: True if the successor died and this
         process accepts again, False once it stopped accepting for good.
         """
-        return await self._machine.wait_leaving(State.PROBATION) in ACCEPTING
+        return await self._gate.wait_resumed()
 
     @property
     def draining(self) -> bool:
         """True once this process has stopped accepting for good (see :meth:`wait_draining`)."""
-        return self._draining.is_set()
+        return self._drain.began
 
     @property
     def drain_reason(self) -> DrainReason | None:
@@ -322,7 +282,7 @@ class GracefulRestart:
         ``"shutdown"``: the service is stopping, so a client should back off. A protocol
         tells its long-lived clients one or the other before it ends their connections.
         """
-        if not self._draining.is_set():
+        if not self._drain.began:
             return None
         return "handover" if self._handed_over else "shutdown"
 
@@ -332,7 +292,7 @@ class GracefulRestart:
 
         Use it as a server's shutdown trigger, e.g. hypercorn's ``shutdown_trigger``.
         """
-        await self._draining.wait()
+        await self._drain.wait_began()
         return "handover" if self._handed_over else "shutdown"
 
     async def wait_predecessor(self) -> None:
@@ -343,7 +303,7 @@ class GracefulRestart:
         predecessor is named by the pidfd it passed, never by its pid, which may have
         been reused long since.
         """
-        await self._predecessor_exited.wait()
+        await self._upstream.wait_exited()
 
     async def open_tcp_listeners(
         self,
@@ -364,8 +324,8 @@ class GracefulRestart:
         """
         socks = await self._listeners.tcp(port, host, backlog, name)
         for sock in socks:
-            self._log.info("listening on tcp %s", _address(sock))
-        self._store_listeners()  # opened late: store it too
+            self._log.info("listening on tcp %s", describe_address(sock))
+        self._charge.store(self._listeners)  # opened late: store it too
         return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks]
 
     async def open_unix_listener(
@@ -386,7 +346,7 @@ class GracefulRestart:
         """
         sock = self._listeners.unix(path, mode, backlog, name)
         self._log.info("listening on unix %s", sock.getsockname())
-        self._store_listeners()
+        self._charge.store(self._listeners)
         return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def close_unclaimed(self) -> list[str]:
@@ -400,9 +360,7 @@ class GracefulRestart:
         names = self._listeners.close_unclaimed()
         for name in names:
             self._log.info("closed inherited listener %s, which nobody opened", name)
-        notifier = self._fd_store()
-        if notifier is not None:
-            remove_stored_fds(notifier, names)
+        self._charge.unstore(names)
         return names
 
     def open_socket(self, name: str, create: Callable[[], socket.socket]) -> socket.socket:
@@ -412,7 +370,7 @@ class GracefulRestart:
         the next successor inherits it.
         """
         sock = self._listeners.custom(name, create)
-        self._store_listeners()
+        self._charge.store(self._listeners)
         return sock
 
     async def accept_connections(
@@ -429,18 +387,7 @@ class GracefulRestart:
         on probation and accepts again if that successor dies; it returns once this
         process stopped accepting for good.
         """
-        try:
-            while True:
-                with self.accepting():
-                    async with trio.open_nursery() as acceptors:
-                        for listener in listeners:
-                            acceptors.start_soon(accept_forever, listener, handler, handler_nursery)
-                        self.ready()
-                if not await self.wait_resumed():
-                    return
-        finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)  # close() only, never shutdown()
+        await self._gate.accept_connections(listeners, handler, handler_nursery=handler_nursery)
 
     async def serve_listeners(
         self,
@@ -463,22 +410,7 @@ class GracefulRestart:
         instead: the exception ends the server and the :func:`open` body (and the
         process, unless the application catches it), logged at ERROR first.
         """
-
-        async def leased(stream: trio.SocketStream) -> None:
-            async with self._leases:
-                try:
-                    await handler(stream)
-                except Exception:
-                    if handler_errors == "raise":
-                        self._log.exception("a connection's handler failed: the server ends")
-                        raise
-                    self._log.exception(
-                        "a connection's handler failed: that connection is closed, "
-                        "the others are served on"
-                    )
-
-        async with self._leases, trio.open_nursery() as handlers:
-            await self.accept_connections(listeners, leased, handler_nursery=handlers)
+        await self._gate.serve_listeners(handler, listeners, handler_errors=handler_errors)
 
     # -- the story ---------------------------------------------------------------------
 
@@ -494,17 +426,13 @@ class GracefulRestart:
         if self.state is not State.STARTING:
             return
         self._machine.advance(State.SERVING)
-        self._served = True
+        self._drain.served = True
         self._log.info("serving (generation %d)", self.generation)
-        if self._inheritance is None:
+        if self._upstream.first_start:
             self._take_charge()
-            return
-        keeper = self.keeper_pid is not None
-        try:
-            send_ready(self._inheritance.channel, self._listeners.handover() if keeper else None)
-        except OSError as error:
-            self._log.warning("cannot say ready: %s", error)
-        self._nursery.start_soon(self._follow_channel)
+        else:
+            self._upstream.say_ready(self._listeners)
+            self._nursery.start_soon(self._upstream.follow, self, self._restarts, self._listeners)
 
     async def restart(self) -> int:
         """Replace this process by a new copy of the program; return the new pid.
@@ -534,53 +462,25 @@ class GracefulRestart:
     # The predecessor's part of the story (see _restart.Side).
 
     def _why_not(self) -> str | None:
-        if self.keeper_pid is not None:
-            return (
-                f"this process runs under a keeper (pid {self.keeper_pid}): "
-                "send SIGHUP to the keeper to restart"
-            )
+        if (refusal := self._upstream.why_not_restart()) is not None:
+            return refusal
         if self.state is not State.SERVING:
             return f"cannot restart while {self.state.value}"
-        if not self._in_charge.is_set():
+        if not self._charge.taken:
             return f"predecessor {self.predecessor_pid} has not handed over yet (probation)"
         return None
 
     def _begin(self, timeline: Timeline) -> Launch:
         self._machine.advance(State.RESTARTING)
         self._log.info("restart requested: starting a successor")
-        self._notify(
-            RELOADING=1,
-            MONOTONIC_USEC=monotonic_usec(),
-            STATUS="restarting",
-            EXTEND_TIMEOUT_USEC=_usec(self._options.ready_timeout + self._options.probation),
-        )
-        handover = self._listeners.handover()
-        # The watchdog goes to the successor only if it was ours; it will be main.
-        dropped = ACTIVATION_VARIABLES + (
-            WATCHDOG_VARIABLES if self._watchdog is None else ("WATCHDOG_PID",)
-        )
-        env = {k: v for k, v in os.environ.items() if k not in dropped}
-        env[ENV_VAR] = encode(
-            self.generation + 1,
-            self._pid,
-            [name for name, _ in handover],
-            socket_files=self._listeners.socket_files(),
-        )
-        return Launch(
-            command=self._options.command or default_command(),
-            env=env,
-            sockets=[fd for _, fd in handover],
-            ready_timeout=self._options.ready_timeout,
-            probation=self._options.probation,
-            accept_ready=parse_plain_ready,
-        )
+        return self._charge.begin_restart(self._listeners)
 
     def _pause(self, successor: Successor) -> None:
         """The successor is ready: stop accepting, keep the sockets, watch it."""
         if self.state is not State.RESTARTING:  # a shutdown came in the same tick
             raise RestartError(f"restart abandoned: this process is {self.state.value}")
         self._machine.advance(State.PROBATION)
-        self._cancel_accepting()
+        self._gate.close()
         self._log.info("stopped accepting: successor %d is on probation", successor.pid)
 
     def _resume(self, error: SuccessorExitedError) -> None:
@@ -594,11 +494,7 @@ class GracefulRestart:
         if self.state is not State.PROBATION:  # a shutdown came while releasing it
             raise RestartError(f"restart abandoned: this process is {self.state.value}")
         self._machine.advance(State.DRAINING)
-        self._notify(
-            MAINPID=successor.pid,
-            READY=1,
-            STATUS=f"serving: generation {self.generation + 1} (pid {successor.pid})",
-        )
+        self._charge.hand_over(successor.pid)  # MAINPID=, READY=1; no more watchdog pings
         timeline.mark("draining", leases=self._leases.count)
         self._restarts.conclude(timeline, "committed")  # now: the successor inherits it
         history = {"last_restart": self._restarts.last, "restarts": dict(self._restarts.counts)}
@@ -606,7 +502,6 @@ class GracefulRestart:
             os.write(successor.channel.fileno(), encode_word(MAIN, history))
         self._log.info("handed over to successor %d", successor.pid)
         self._handed_over, self._handed_to = True, successor
-        self._watchdog_scope.cancel()
         self._stop_accepting()
         if self._restarts.pending:
             self._restarts.pending = False
@@ -628,7 +523,8 @@ class GracefulRestart:
 
     def _recorded(self, timeline: Timeline) -> None:
         if timeline.outcome == "failed" and not self._handed_over:
-            self._write_pid_file()  # the outcome, for `graceful-restart restart --pid-file`
+            # The outcome, for `graceful-restart restart --pid-file`.
+            self._charge.write_pid_file(self._restarts.last)
 
     async def _stop_successor(self, successor: Successor) -> None:
         try:
@@ -653,13 +549,10 @@ class GracefulRestart:
                 self._log.warning("restart abandoned: shutting down")
             self._machine.advance(State.DRAINING)
             self._stop_accepting()
-            if self._in_charge.is_set() and not self._handed_over:
-                self._say_goodbye()
-            elif self._inheritance is not None and not self._in_charge.is_set():
-                # Not handed the service yet: tell the predecessor (or keeper), which
-                # takes it back.
-                with contextlib.suppress(OSError):
-                    self._inheritance.channel.shutdown(socket.SHUT_WR)
+            if self._charge.taken and not self._handed_over:
+                self._charge.say_goodbye(self._listeners, self._leases.count)
+            elif not self._charge.taken:
+                self._upstream.give_back()
         if immediate:
             self._log.warning("cutting the drain short: cancelling %d lease(s)", self._leases.count)
             self._nursery.cancel_scope.cancel()
@@ -672,9 +565,9 @@ class GracefulRestart:
         it is ready, with no probation (under a keeper, the keeper does that when this
         generation exits). Anything else is a shutdown.
         """
-        self._body_done.set()
+        self._drain.body_ended()
         restarting = (State.RESTARTING, State.PROBATION)
-        if self.state in restarting and self.keeper_pid is None:
+        if self.state in restarting and self._restarts.under_way:  # ours
             self._log.warning(
                 "this process stopped serving %s; no fallback",
                 "during the probation: committing early"
@@ -685,7 +578,7 @@ class GracefulRestart:
             longest = self._options.ready_timeout + 2 * LAUNCHER_GRACE  # the story's bounds
             with trio.move_on_after(longest):
                 await self._machine.value.wait_value(lambda state: state not in restarting)
-        elif self.state in restarting:
+        elif self.state in restarting:  # the keeper's
             self._log.warning(
                 "this generation stopped serving during a restart: the keeper's new "
                 "generation takes over (no goodbyes); no fallback"
@@ -696,201 +589,50 @@ class GracefulRestart:
     # -- the steps ---------------------------------------------------------------------
 
     def _take_charge(self) -> None:
-        """This process is the one in charge now: the watchdog, the control socket, the
-        fd store, the pid file (whose failure is only a warning), then ``READY=1``."""
-        if self._in_charge.is_set():
-            return
-        self._in_charge.set()
-        if self.keeper_pid is None and self._notifier is not None and self._watchdog is not None:
-            self._nursery.start_soon(self._run_watchdog)
-        if self._control is not None:
-            self._nursery.start_soon(self._serve_control)
-        self._store_listeners()
-        self._write_pid_file()  # before READY=1: a service manager may read it then
-        if self._inheritance is None:  # a successor's READY=1 came with MAINPID=
-            self._notify(READY=1, STATUS=f"serving: generation {self.generation} (pid {self._pid})")
-        if self.state is State.SERVING:
+        """This process is the one in charge now (see :meth:`Charge.take`); a restart
+        asked for meanwhile follows."""
+        taken = self._charge.take(self._nursery, self, self._listeners, self._restarts.last)
+        if taken and self.state is State.SERVING:
             self._restarts.follow_up()
-
-    def _write_pid_file(self) -> None:
-        """Name this process in the pid file, with the last restart (``cli`` reads it)."""
-        if self._options.pid_file is None:
-            return
-        try:
-            write_pid_file(self._options.pid_file, self._pid, self._restarts.last)
-        except PidFileError as error:
-            self._pid_file_error = str(error)
-            self._log.warning("%s; serving on without it", error)
-        else:
-            self._pid_file_error = None
 
     def _resume_serving(self, status: str) -> None:
         self._machine.advance(State.SERVING)
-        self._notify(READY=1, STATUS=f"serving: generation {self.generation}; {status}")
-
-    def _cancel_accepting(self) -> None:
-        for scope in self._accept_scopes:
-            scope.cancel()
+        self._charge.resume(status)
 
     def _stop_accepting(self) -> None:
         """For good: close the sockets (the successor, if any, holds its own) and drain."""
-        self._draining.set()
-        self._control_scope.cancel()
-        self._cancel_accepting()
+        self._drain.begin()
+        self._charge.stop_control()
+        self._gate.close()
         self._listeners.close()
-        self._nursery.start_soon(self._drain)
+        self._nursery.start_soon(self._drain.run)
 
-    def _say_goodbye(self) -> None:
-        """The last words of the process in charge (one that never was, says none)."""
-        self._listeners.unlink_unix_paths(self._log)
-        self._notify(
-            STOPPING=1,
-            STATUS=f"draining {self._leases.count} lease(s)",
-            EXTEND_TIMEOUT_USEC=_usec(self._options.drain_timeout + EXIT_GRACE),
-        )
+    # -- what the keeper says (see _upstream.Follower) -----------------------------------
 
-    async def _drain(self) -> None:
-        await trio.lowlevel.checkpoint()  # an error that ends the body cancels it: no drain
-        self._log.info(
-            "stopped accepting; draining %d lease(s) for at most %gs",
-            self._leases.count,
-            self._options.drain_timeout,
-        )
-        leases_released = None
-        with trio.move_on_after(self._options.drain_timeout) as deadline:
-            await self._leases.wait_idle()
-            leases_released = trio.current_time()
-            if (
-                self._in_charge.is_set()
-                and self.predecessor_pid
-                and self.keeper_pid is None
-                and not self._predecessor_exited.is_set()
-            ):
-                # Exit after it, so that a service manager that kills whatever is left
-                # when the main process exits does not cut its drain short.
-                self._log.info("waiting for predecessor %s to finish", self.predecessor_pid)
-                await self.wait_predecessor()
-            if self._served:  # its cleanup (a lifespan shutdown, say) completes
-                with trio.move_on_after(BODY_NOTICE):
-                    await self._body_done.wait()
-                if not self._body_done.is_set():
-                    self._log.info(
-                        "the leases are released; waiting for the open() body to return "
-                        "(still running in it: %s), at most until the drain deadline",
-                        ", ".join(self._body_tasks()) or "the body itself",
-                    )
-                    await self._body_done.wait()
-        if deadline.cancelled_caught:
-            self._log.warning(
-                "drain deadline passed: cancelling %d lease(s)%s",
-                self._leases.count,
-                " and the open() body" if self._served and not self._body_done.is_set() else "",
-            )
-        else:
-            assert leases_released is not None
-            after = (trio.current_time() - leases_released) * 1000
-            self._log.info("drained (%.0f ms after the last lease was released)", after)
-        self._nursery.cancel_scope.cancel()
+    def _keeper_paused(self, successor: str) -> None:
+        self._machine.advance(State.PROBATION)
+        self._gate.close()
+        self._log.info("stopped accepting: the keeper's generation %s is on probation", successor)
 
-    def _body_tasks(self) -> list[str]:
-        """The names of the innermost tasks still running in the ``open()`` body."""
-        names: list[str] = []
-        tasks = [
-            task
-            for nursery in self._nursery.parent_task.child_nurseries
-            if nursery is not self._nursery
-            for task in nursery.child_tasks
-        ]
-        while tasks:
-            task = tasks.pop()
-            children = [child for n in task.child_nurseries for child in n.child_tasks]
-            if children:
-                tasks += children
-            else:
-                names.append(task.name)
-        return sorted(names)
+    def _keeper_resumed(self) -> None:
+        self._machine.advance(State.SERVING)
 
-    async def _follow_channel(self) -> None:
-        """A successor: follow what its predecessor (or keeper) says on the channel.
+    def _keeper_handed_over(self) -> None:
+        self._handed_over = True
+        self._machine.advance(State.DRAINING)
+        self._stop_accepting()
 
-        ``main``: the handover is committed, this process is in charge. From a keeper
-        also ``pause``, ``resume`` and ``drain``. The channel closing means the other
-        side is gone: a successor of a process is then on its own, and in charge.
-        """
-        assert self._inheritance is not None
-        async with surviving(self._log, "following the channel"):
-            reader = LineReader(trio.socket.from_stdlib_socket(self._inheritance.channel.dup()))
-            with reader.socket:
-                while line := await reader.receive_line():
-                    self._on_word(line)
-            if self.keeper_pid is not None:
-                self._log.warning("the keeper %s is gone", self.keeper_pid)
-                return
-            if not self._in_charge.is_set() and self.state is not State.STOPPED:
-                self._log.warning("predecessor %s is gone: in charge", self.predecessor_pid)
-                self._take_charge()
-        if self.keeper_pid is None:
-            await self._predecessor_exited.wait()
-            for name in self._listeners.unclaimed():
-                self._log.warning(
-                    "inherited listener %s is not opened (yet): it is kept for a late open, "
-                    "and handed on; gr.close_unclaimed() drops it",
-                    name,
-                )
-
-    def _on_word(self, line: bytes) -> None:
-        command, argument = parse_word(line)
-        if command == MAIN and self.state is not State.STOPPED:
-            self._log.info("handed the service: in charge")
-            if argument:  # the keeper keeps its own
-                self._inherit_history(argument)
-            self._take_charge()
-        elif command == PAUSE and self.state is State.SERVING:
-            self._machine.advance(State.PROBATION)
-            self._cancel_accepting()
-            self._log.info(
-                "stopped accepting: the keeper's generation %s is on probation", argument
-            )
-        elif command == RESUME and self.state is State.PROBATION:
-            self._log.info("the keeper's new generation died: accepting again")
-            self._machine.advance(State.SERVING)
-        elif command == DRAIN and self.state in (State.SERVING, State.PROBATION):
-            self._log.info("the keeper handed over to %s", argument)
-            self._handed_over = True
-            self._machine.advance(State.DRAINING)
-            self._stop_accepting()
-
-    async def _watch_predecessor(self) -> None:
-        """Set :attr:`_predecessor_exited` when it exits (at once if there is none)."""
-        if self._inheritance is not None and self.keeper_pid is None:
-            await trio.lowlevel.wait_readable(self._inheritance.pidfd)
-            last = self._restarts.last
-            if last is not None:
-                since = time.time() - last.get("requested_at", time.time())
-                last["phases"]["old copy exited"] = round(since * 1000)
-        self._predecessor_exited.set()
-
-    async def _run_watchdog(self) -> None:
-        """Ping systemd's watchdog while this process is the main one."""
-        assert self._notifier is not None
-        assert self._watchdog is not None
-        with self._watchdog_scope:
-            await run_watchdog(self._notifier, self._watchdog)
+    # -- signals -------------------------------------------------------------------------
 
     def _on_restart_signal(self, sig: int) -> None:
-        if self._inheritance is not None and self.keeper_pid is not None:
-            self._log.info("%s: passing it on to the keeper %d", _signal_name(sig), self.keeper_pid)
-            try:
-                signal.pidfd_send_signal(self._inheritance.pidfd, signal.SIGHUP)
-            except ProcessLookupError:
-                self._log.error(
-                    "%s ignored: the keeper %d is gone", _signal_name(sig), self.keeper_pid
-                )
-        elif self.state is State.SERVING and not self._in_charge.is_set():
-            self._log.info("%s: a restart will follow the one under way", _signal_name(sig))
+        trigger = _signal_name(sig)
+        if self._upstream.pass_on_restart(trigger):  # under a keeper: the keeper restarts
+            return
+        if self.state is State.SERVING and not self._charge.taken:
+            self._log.info("%s: a restart will follow the one under way", trigger)
             self._restarts.pending = True  # carried out once in charge
         else:
-            self._restarts.request(Timeline(_signal_name(sig)))
+            self._restarts.request(Timeline(trigger))
 
     def _on_shutdown_signal(self, sig: int) -> None:
         self._shutdown_requests += 1
@@ -900,35 +642,29 @@ class GracefulRestart:
 
     # -- the control socket (see _control) -----------------------------------------------
 
-    def _control_status(self) -> dict[str, Any]:
+    def _control_status(self) -> Status:
         """What ``graceful-restart status`` shows (see ``_control``)."""
         predecessor = self.predecessor_pid
-        return {
-            "pid": self._pid,
-            "main_pid": self._pid,  # what a stop waits for
-            "state": self.state.value,
-            "generation": self.generation,
-            "in_charge": self._in_charge.is_set(),
-            "uptime_s": round(time.time() - self._started_at, 3),
-            "leases": self._leases.count,
-            "keeper": self.keeper_pid,
-            "successor": self._successor_pid(),
-            "draining": (
-                [{"pid": predecessor, "role": "predecessor"}]
-                if predecessor and not self._predecessor_exited.is_set()
-                else []
+        return Status(
+            pid=self._pid,
+            main_pid=self._pid,  # what a stop waits for
+            state=self.state.value,
+            generation=self.generation,
+            in_charge=self._charge.taken,
+            uptime_s=round(time.time() - self._started_at, 3),
+            leases=self._leases.count,
+            keeper=self.keeper_pid,
+            successor=self._successor_pid(),
+            draining=(
+                (Draining(predecessor, "predecessor"),)
+                if predecessor and not self._upstream.exited
+                else ()
             ),
-            "listeners": self._listeners.describe(),
-            "pid_file_error": self._pid_file_error,
-            "restarts": dict(self._restarts.counts),
-            "last_restart": self._restarts.last,
-        }
-
-    async def _serve_control(self) -> None:
-        assert self._control is not None
-        with self._control_scope:
-            async with surviving(self._log, "the control socket"):
-                await serve_control(self._control, self, self._log, self._nursery)
+            listeners=self._listeners.describe(),
+            pid_file_error=self._charge.pid_file_error,
+            restarts=dict(self._restarts.counts),
+            last_restart=self._restarts.last,
+        )
 
     def _control_restart(self, timeline: Timeline) -> float:
         """For the control socket: start a restart marked on ``timeline``."""
@@ -940,46 +676,6 @@ class GracefulRestart:
         self._log.info("stop asked for on the control socket%s", " (immediate)" * immediate)
         self.shutdown(immediate=immediate)
 
-    def _open_control(self) -> None:
-        path = self._options.control
-        if path is None:
-            return
-        if self.keeper_pid is not None:
-            self._log.info("control socket %s: the keeper %d has its own", path, self.keeper_pid)
-            return
-        sock = self._listeners.unix(str(path), 0o600, None, _CONTROL)
-        self._control = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        self._log.info("control socket at %s", path)
-
-    def _inherit_history(self, argument: str) -> None:
-        """The restart record and counts the predecessor handed on with ``main``."""
-        try:
-            counts, self._restarts.last = parse_history(argument)
-        except InheritanceError as error:
-            self._log.warning("from the predecessor: %s", error)
-        else:
-            self._restarts.counts.update(counts)
-
-    def _notify(self, **fields: str | int) -> None:
-        if self._notifier is not None:
-            self._notifier.send(fields)
-
-    def _fd_store(self) -> Notifier | None:
-        """Where to keep the listeners in systemd's fd store, if this process does."""
-        wanted = self._options.fd_store
-        if wanted is None:
-            wanted = "FDSTORE" in os.environ
-        return self._notifier if wanted and self.keeper_pid is None else None
-
-    def _store_listeners(self) -> None:
-        """Keep every listener in systemd's fd store, once this process is in charge.
-
-        Storing a socket again is harmless: systemd keeps one copy.
-        """
-        notifier = self._fd_store()
-        if notifier is not None and self._in_charge.is_set():
-            store_fds(notifier, self._listeners.handover())
-
     def _close(self, failure: Exception | None) -> None:
         """The last word of a process: release everything, say goodbye if in charge; and
         if an error ends it (``failure``), say so at ERROR, with the traceback."""
@@ -987,17 +683,10 @@ class GracefulRestart:
             self._machine.advance(State.DRAINING)
         self._machine.advance(State.STOPPED)
         self._listeners.close()
-        if self._in_charge.is_set() and not self._handed_over and self._options.pid_file:
-            # Never after a handover: the successor rewrites the file at about this time,
-            # and a check-then-unlink here could remove its new file.
-            remove_pid_file(self._options.pid_file, self._pid)
+        self._charge.close(self._handed_over)  # the pid file, unless handed over
         if self._handed_to is not None:
             self._handed_to.close()
-        if self._inheritance is not None:
-            self._inheritance.channel.close()
-            os.close(self._inheritance.pidfd)
-        if self._notifier is not None:
-            self._notifier.close()
+        self._upstream.close()
         if failure is not None:
             self._log.error(
                 "exiting on an error in the open() body, cutting %d lease(s)",
@@ -1006,19 +695,6 @@ class GracefulRestart:
             )
         else:
             self._log.info("exiting (%d lease(s) left)", self._leases.count)
-
-
-def _address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-
-
-_CONTROL = "graceful-restart-control"
-"""The control socket's name among the listeners handed over."""
-
-
-def _usec(seconds: float) -> int:
-    return int(seconds * 1_000_000)
 
 
 def _signal_name(sig: int) -> str:
@@ -1077,39 +753,28 @@ async def open(**options: Unpack[OpenOptions]) -> AsyncIterator[GracefulRestart]
     pid = os.getpid()
     log = PrefixLog(logging.getLogger(settings.logger), f"[pid {pid}]")
     notifier = Notifier.from_environ(os.environ) if settings.systemd else None
-    inheritance = read_inheritance(os.environ)
-    if inheritance is not None:
-        inherited = inheritance.listeners
-        log.info(
-            "generation %d, taking over from %s with %d listener(s)",
-            inheritance.generation,
-            inheritance.predecessor or f"nobody (under keeper {inheritance.keeper})",
-            len(inherited),
-        )
-    else:
-        inherited = listen_sockets(os.environ, pid)
+    upstream, listeners = Upstream.read(os.environ, log, pid)
     gr: GracefulRestart | None = None
     escaped: BaseException | None = None
     failure: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
+            watchdog = watchdog_interval(os.environ, pid)
+            charge = Charge(settings, log, notifier, watchdog, upstream, pid)
             gr = _active = GracefulRestart(
                 options=settings,
                 nursery=nursery,
                 log=log,
-                notifier=notifier,
-                inheritance=inheritance,
-                listeners=ListenerRegistry(
-                    inherited, inheritance.socket_files if inheritance else frozenset()
-                ),
-                watchdog=watchdog_interval(os.environ, pid),
+                upstream=upstream,
+                listeners=listeners,
+                charge=charge,
             )
             handlers: dict[Any, Callable[[Any], None]] = {}
             handlers.update(dict.fromkeys(settings.restart_signals, gr._on_restart_signal))
             handlers.update(dict.fromkeys(settings.shutdown_signals, gr._on_shutdown_signal))
             await nursery.start(receive_signals, handlers, log)
-            nursery.start_soon(gr._watch_predecessor)
-            gr._open_control()
+            nursery.start_soon(upstream.watch, gr._restarts)
+            charge.open_control(listeners)
             try:
                 yield gr
             finally:
@@ -1125,7 +790,7 @@ async def open(**options: Unpack[OpenOptions]) -> AsyncIterator[GracefulRestart]
         if gr is not None:
             gr._close(failure if isinstance(failure, Exception) else None)
         else:
-            _close_unused(inherited, inheritance, notifier)
+            _close_unused(listeners, upstream, notifier)
     if escaped is not None:
         raise escaped  # outside the handler: its __cause__ and __context__ stay its own
     # The process is about to exit: spare it the interpreter's last full garbage
@@ -1135,15 +800,13 @@ async def open(**options: Unpack[OpenOptions]) -> AsyncIterator[GracefulRestart]
 
 
 def _close_unused(
-    inherited: list[tuple[str, socket.socket]],
-    inheritance: Inheritance | None,
+    listeners: ListenerRegistry,
+    upstream: Upstream,
     notifier: Notifier | None,
 ) -> None:
     """What :func:`open` took before it failed to start."""
-    ListenerRegistry(inherited).close()
-    if inheritance is not None:
-        inheritance.channel.close()
-        os.close(inheritance.pidfd)
+    listeners.close()
+    upstream.close()
     if notifier is not None:
         notifier.close()
 

@@ -66,7 +66,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, final
+from typing import final
 
 import attrs
 import trio
@@ -79,12 +79,13 @@ from ._exceptions import (
 from ._generations import Generation, HeldListeners, Listeners
 from ._listeners import ListenerRegistry
 from ._logging import PrefixLog, surviving
-from ._options import probation_seconds, ready_seconds
+from ._options import EXIT_GRACE, probation_seconds, ready_seconds
 from ._pidfile import remove_pid_file, write_pid_file
 from ._reaper import FORWARDED, become_subreaper, reap
 from ._restart import FIRST_START
 from ._signals import receive_signals
 from ._state import State, StateMachine
+from ._status import Draining, Status
 from ._systemd import (
     Notifier,
     monotonic_usec,
@@ -142,6 +143,11 @@ def _worker_count(workers: int) -> int:
     return workers
 
 
+def _roll_batch(keeper: Keeper, batch: int) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= keeper.workers:
+        raise ValueError(f"roll_batch must be from 1 to workers ({keeper.workers}), not {batch!r}")
+
+
 @final
 @attrs.define(eq=False)
 class Keeper:
@@ -167,6 +173,7 @@ class Keeper:
             status``, ``restart``, ``stop``), or None.
         workers: how many copies of the application serve at once, on the same sockets;
             a restart replaces them one after another.
+        roll_batch: how many workers a restart replaces at a time.
     """
 
     command: list[str] = attrs.field(converter=_command_list)
@@ -176,6 +183,7 @@ class Keeper:
     fd_store: bool = False
     control: Path | None = None
     workers: int = attrs.field(default=1, validator=lambda _s, _a, v: _worker_count(v))
+    roll_batch: int = attrs.field(default=1, validator=lambda s, _a, v: _roll_batch(s, v))
     _log: PrefixLog = attrs.field(
         init=False, factory=lambda: PrefixLog(logging.getLogger(LOGGER), f"[keeper {os.getpid()}]")
     )
@@ -197,7 +205,7 @@ class Keeper:
 
     def __attrs_post_init__(self) -> None:
         slots = [Worker(number, self, self._log) for number in range(self.workers)]
-        self._workers = Workers(self, slots, self._log)
+        self._workers = Workers(self, slots, self._log, batch=self.roll_batch)
 
     @property
     def state(self) -> State:
@@ -226,8 +234,8 @@ class Keeper:
         """Run the application until it has stopped; return the keeper's exit status.
 
         That is the serving generation's status (128 + N if signal N killed it; with
-        workers, the first that is not 0); 127 if the command cannot be found, 126 if it
-        cannot be run.
+        workers, the first that is not 0); at the first start, that of the generation
+        that failed to start: 127 if the command cannot be found, 126 if it cannot be run.
 
         Raises:
             PidFileError: the pid file cannot be written.
@@ -265,7 +273,7 @@ class Keeper:
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
-        status = self._workers.exit_status(self._start_failure or 0)
+        status = self._start_failure or self._workers.exit_status()
         self._log.info("exiting with status %d", status)
         return status
 
@@ -282,9 +290,10 @@ class Keeper:
             self._write_pid_file()
         if self.state not in (State.STARTING, State.RESTARTING):
             return  # stopping
-        if first and not committed:
+        if first and not committed:  # and the workers already started stop too
             self._start_failure = self._start_failure or 1
             self._begin_stop("generation 1 never became ready")
+            self._pass_on(signal.SIGTERM)
             return
         self._machine.advance(State.SERVING)
         failed = "" if committed else "; restart failed"
@@ -394,35 +403,33 @@ class Keeper:
         async with surviving(self._log, "the control socket"):
             await serve_control(listener, self, self._log, self._tasks())
 
-    def _control_status(self) -> dict[str, Any]:
+    def _control_status(self) -> Status:
         """What ``graceful-restart status`` shows (see ``_control``)."""
         stats = self.statistics()
         serving = self._workers.slots[0].alive
-        busy = {stats.serving, stats.starting, *stats.workers}
-        return {
-            "pid": stats.serving,
-            "main_pid": self.pid,  # what a stop waits for
-            "state": self.state.value,
-            "generation": serving.number if serving else 0,
-            "in_charge": serving is not None,
-            "uptime_s": round(time.time() - self._started_at, 3),
-            "leases": None,  # the generations count their own
-            "keeper": self.pid,
-            "successor": stats.starting,
-            "draining": [
-                {"pid": g.pid, "role": g.role} for g in self.live.values() if g.pid not in busy
-            ],
-            "listeners": self.held.describe(),
-            "restarts": dict(self._workers.counts),
-            "last_restart": self._workers.last,
-            "pid_file_error": self._pid_file_error,
-            **self._workers.describe(),
-        }
+        return Status(
+            pid=stats.serving,
+            main_pid=self.pid,  # what a stop waits for
+            state=self.state.value,
+            generation=serving.number if serving else 0,
+            in_charge=serving is not None,
+            uptime_s=round(time.time() - self._started_at, 3),
+            leases=None,  # the generations count their own
+            keeper=self.pid,
+            successor=stats.starting,
+            draining=tuple(Draining(pid, self.live[pid].role) for pid in stats.draining),
+            listeners=self.held.describe(),
+            restarts=dict(self._workers.counts),
+            last_restart=self._workers.last,
+            pid_file_error=self._pid_file_error,
+            workers=tuple(worker.describe() for worker in self._workers.slots),
+            roll=self._workers.progress(),
+        )
 
     def _control_restart(self, timeline: Timeline) -> float:
         """For the control socket: start a restart marked on ``timeline``."""
         self._workers.request(timeline)
-        return self.workers * (self.ready_timeout + self.probation) + 5.0
+        return self.workers * (self.ready_timeout + self.probation) + EXIT_GRACE
 
     def _control_stop(self, immediate: bool) -> None:
         """For the control socket: stop as on SIGTERM (twice, when ``immediate``)."""

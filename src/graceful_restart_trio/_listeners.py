@@ -26,8 +26,9 @@ import attrs
 import trio
 
 from ._exceptions import ListenerError
+from ._status import Listener
 
-__all__ = ["ListenerRegistry", "shared_dup", "tcp_name", "unix_name"]
+__all__ = ["ListenerRegistry", "describe_address", "shared_dup", "tcp_name", "unix_name"]
 
 DEFAULT_BACKLOG = 4096
 
@@ -214,14 +215,14 @@ class ListenerRegistry:
         """
         return [(name, sock.fileno()) for name, sock in self._owned + self._inherited]
 
-    def describe(self) -> list[dict[str, str]]:
+    def describe(self) -> tuple[Listener, ...]:
         """The name and address of each listener open, for a status (none once this
         process has stopped accepting for good: it closed them)."""
-        return [
-            {"name": name, "address": describe_address(sock)}
+        return tuple(
+            Listener(name, describe_address(sock))
             for name, sock in self._owned
             if sock.fileno() != -1
-        ]
+        )
 
     def socket_files(self) -> list[str]:
         """Names of the unix listeners whose socket file is ours to remove in the end."""

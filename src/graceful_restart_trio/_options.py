@@ -11,7 +11,12 @@ from typing import TypedDict, final
 
 import attrs
 
-__all__ = ["OpenOptions", "Options", "probation_seconds", "ready_seconds"]
+__all__ = ["EXIT_GRACE", "OpenOptions", "Options", "probation_seconds", "ready_seconds"]
+
+EXIT_GRACE = 5.0
+"""Seconds allowed beyond the bounds a process sets itself, for it to get there and exit:
+systemd is asked to wait this long past ``drain_timeout`` for a drain, and an operator
+past ``ready_timeout + probation`` for a restart's outcome."""
 
 _UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})
 

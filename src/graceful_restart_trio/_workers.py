@@ -9,12 +9,13 @@ told ``pause`` while the new one is on probation, then ``drain`` (or ``resume`` 
 new one died).
 
 :class:`Workers` are the keeper's restarts: a restart *rolls* the slots, replacing one
-after another, so that N - 1 workers serve throughout and never more than N + 1 copies
-run (memory). The first start is a roll too (the first slot binds the sockets, the
-others inherit them). A failure stops the roll: the slots not replaced yet serve on, and
-the restart's record names the worker and the reason. A restart asked for during a roll
+after another (``--roll-batch K``: K at a time), so that the other workers serve
+throughout and K new copies start at a time (memory: N + K copies, plus old ones still
+draining). The first start is a roll too (the first slot binds the sockets, the others
+inherit them). A failure stops the roll: the slots not replaced yet serve on, and the
+restart's record names the worker and the reason. A restart asked for during a roll
 follows it. A worker whose generation exits by itself outside a restart is replaced
-(:meth:`Worker.replace`), after a back-off if it crash-loops.
+(:meth:`Worker.exited`), after a back-off if it crash-loops.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ._logging import PrefixLog, surviving
 from ._reaper import exit_code
 from ._restart import FIRST_START, Launch, Restarts
 from ._state import State
+from ._status import Roll, WorkerSlot
 from ._successor import Successor
 from ._systemd import ACTIVATION_VARIABLES, WATCHDOG_VARIABLES
 from ._timeline import Timeline
@@ -98,17 +100,17 @@ class Worker:
             return State.PROBATION if self.paused else State.RESTARTING
         return State.SERVING if self.alive else State.STARTING
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> WorkerSlot:
         """The slot, for the status."""
         serving = self.alive
-        return {
-            "worker": self.number,
-            "pid": serving.pid if serving else None,
-            "generation": serving.number if serving else None,
-            "state": self.state.value,
-            "successor": self.new.pid if self.new else None,
-            "uptime_s": round(time.monotonic() - self.since, 3) if serving else None,
-        }
+        return WorkerSlot(
+            worker=self.number,
+            pid=serving.pid if serving else None,
+            generation=serving.number if serving else None,
+            state=self.state.value,
+            successor=self.new.pid if self.new else None,
+            uptime_s=round(time.monotonic() - self.since, 3) if serving else None,
+        )
 
     def exited(self, generation: Generation) -> None:
         """A generation of this slot exited (the keeper is not stopping)."""
@@ -121,14 +123,14 @@ class Worker:
                 else "while its successor starts: committing as soon as it is ready",
             )
             self.restarts.cut_probation()
-        elif generation is self.serving and self.keeper.state is not State.STARTING:
+        elif generation is self.serving:
             self._serving_exited(generation)
 
     def _serving_exited(self, gone: Generation) -> None:
-        """``gone`` served here and exited by itself. Alone, it stops the keeper; among
-        other workers, it is replaced: at once if it had served :data:`STABLE` seconds,
-        else after a back-off that doubles."""
-        if self.keeper.workers == 1:
+        """``gone`` served here and exited by itself. Alone (or before every worker ever
+        served), it stops the keeper; among other workers, it is replaced: at once if it
+        had served :data:`STABLE` seconds, else after a back-off that doubles."""
+        if self.keeper.workers == 1 or self.keeper.state is State.STARTING:
             self.keeper._stop_by_itself(gone)
             return
         lived = time.monotonic() - self.since
@@ -299,6 +301,8 @@ class Workers:
     """Restarts by outcome (``committed``, ``failed``)."""
     last: dict[str, Any] | None = None
     """The last restart's timeline (:meth:`Timeline.as_dict`)."""
+    batch: int = 1
+    """How many workers a roll replaces at a time (``--roll-batch``)."""
     rolled: int = 0
     """How many slots the roll under way has replaced."""
     _scope: trio.CancelScope | None = None
@@ -320,23 +324,18 @@ class Workers:
         if not self.alive():
             self.log.info("%s ignored: no generation serves", sig.name)
 
-    def describe(self) -> dict[str, Any]:
-        """The slots and the roll's progress, for the status."""
-        progress = {"replaced": self.rolled, "of": len(self.slots)}
-        return {
-            "workers": [worker.describe() for worker in self.slots],
-            "roll": progress if self.under_way else None,
-        }
+    def progress(self) -> Roll | None:
+        """The roll under way, for the status."""
+        return Roll(self.rolled, len(self.slots)) if self.under_way else None
 
-    def exit_status(self, otherwise: int) -> int:
-        """The keeper's: the first of the last serving generations' that is not 0, or
-        ``otherwise`` if none ran (it could not start, or a stop came first)."""
+    def exit_status(self) -> int:
+        """The first of the last serving generations' exit statuses that is not 0."""
         codes = [
             exit_code(w.serving.status)
             for w in self.slots
             if w.serving and w.serving.status is not None
         ]
-        return next((code for code in codes if code), 0) if codes else otherwise
+        return next((code for code in codes if code), 0)
 
     def request(self, timeline: Timeline) -> None:
         """Start a roll in the background, after the one under way, or not at all."""
@@ -365,7 +364,7 @@ class Workers:
         outcome, reason = "failed", "abandoned"
         try:
             with self._scope:
-                await self._replace_each(timeline)
+                await self._replace_each(timeline, first)
                 outcome = "committed"
         except RestartError as error:
             reason = str(error)
@@ -383,21 +382,30 @@ class Workers:
             self.log.info("carrying out the restart asked for meanwhile")
             self.request(Timeline("SIGHUP"))
 
-    async def _replace_each(self, timeline: Timeline) -> None:
-        """Replace (or start) the worker in each slot, one after another.
+    async def _replace_each(self, timeline: Timeline, first: bool) -> None:
+        """Replace (or start) the workers, :attr:`batch` at a time (one at a time at the
+        first start: the first binds the sockets the others inherit).
 
         Raises:
-            RestartError: a slot's new generation failed; the roll stops there.
+            RestartError: a new generation failed; the roll stops after its batch.
         """
         self.rolled = 0
-        for worker in self.slots:
-            alone = len(self.slots) == 1
-            step = timeline if alone else timeline.step(f"worker {worker.number}")
-            async with worker.lock:
-                try:
-                    await worker.restarts.run(step)
-                except RestartError as error:
-                    if alone:
-                        raise
-                    raise RestartError(f"worker {worker.number}: {error}") from error
-            self.rolled += 1
+        size = 1 if first else self.batch
+        for start in range(0, len(self.slots), size):
+            failures: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for worker in self.slots[start : start + size]:
+                    nursery.start_soon(self._replace, worker, timeline, failures)
+            if failures:
+                raise RestartError("; ".join(failures))
+
+    async def _replace(self, worker: Worker, timeline: Timeline, failures: list[str]) -> None:
+        alone = len(self.slots) == 1
+        step = timeline if alone else timeline.step(f"worker {worker.number}")
+        async with worker.lock:
+            try:
+                await worker.restarts.run(step)
+            except RestartError as error:
+                failures.append(str(error) if alone else f"worker {worker.number}: {error}")
+            else:
+                self.rolled += 1

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._pidfile import read_record, record_path, start_ticks
+from ._status import Status
 
 __all__ = ["main"]
 
@@ -222,55 +223,17 @@ def _status(options: argparse.Namespace, out: TextIO) -> int:
     if reply.get("result") != "ok":
         print(f"status failed: {reply.get('reason')}", file=out)
         return 1
-    status = reply["status"]
+    status = Status.from_json(reply["status"])
     if options.json:
-        json.dump(status, out, indent=2)
+        json.dump(status.as_json(), out, indent=2)
         print(file=out)
     elif options.prometheus:
         from ._metrics import exposition  # noqa: PLC0415 - prometheus-client, if installed
 
         out.write(exposition(status))
     else:
-        _print_status(status, out)
+        out.write(status.text())
     return 0
-
-
-def _print_status(status: dict[str, Any], out: TextIO) -> None:
-    keeper = f", under keeper {status['keeper']}" if status.get("keeper") else ""
-    leases = "" if status["leases"] is None else f", {status['leases']} lease(s) in flight"
-    print(
-        f"pid {status['pid']}: {status['state']}, generation {status['generation']}"
-        f"{keeper}, up {status['uptime_s']:.0f}s{leases}",
-        file=out,
-    )
-    if status.get("pid_file_error"):
-        print(f"  pid file: {status['pid_file_error']}", file=out)
-    for listener in status.get("listeners", []):
-        print(f"  listener {listener['name']}: {listener['address']}", file=out)
-    for worker in status.get("workers") or []:
-        successor = f", successor {worker['successor']}" if worker.get("successor") else ""
-        serving = f"pid {worker['pid']}, generation {worker['generation']}" if worker["pid"] else ""
-        print(
-            f"  worker {worker['worker']}: {serving or 'none'} ({worker['state']}{successor})",
-            file=out,
-        )
-    if status.get("roll"):
-        print(
-            f"  rolling: {status['roll']['replaced']} of {status['roll']['of']} replaced", file=out
-        )
-    for process in status.get("draining", []):
-        leases = process.get("leases")
-        held = f", {leases} lease(s)" if leases is not None else ""
-        print(f"  draining: pid {process['pid']} ({process['role']}{held})", file=out)
-    counts = status.get("restarts") or {}
-    if counts:
-        print("  restarts: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), file=out)
-    last = status.get("last_restart")
-    if last:
-        reason = f": {last['reason']}" if last.get("reason") else ""
-        phases = " -> ".join(f"{k} {v} ms" for k, v in last.get("phases", {}).items())
-        print(f"  last restart ({last['trigger']}): {last['outcome']}{reason}", file=out)
-        print(f"    {phases or 'no phase reached'}", file=out)
 
 
 def _stop(options: argparse.Namespace, out: TextIO) -> int:

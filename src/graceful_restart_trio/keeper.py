@@ -69,7 +69,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         usage="%(prog)s [--pid-file F] [--ready-timeout S] [--probation S] [--fd-store] "
-        "[--control PATH] [--workers N] [--log-level L] -- command args...",
+        "[--control PATH] [--workers N] [--roll-batch K] [--log-level L] -- command args...",
         description="Run an application built on graceful_restart_trio under a process "
         "with a stable pid: SIGHUP restarts the application without losing a connection, "
         "SIGTERM/SIGINT drain it and exit with its status.",
@@ -112,6 +112,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "per usable CPU (default: %(default)s)",
     )
     parser.add_argument(
+        "--roll-batch",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --workers: replace K workers at a time on a restart (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -141,6 +148,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "graceful-restart-keeper
         command = options.command
     if not command:
         parser.error("no command to run: give it after '--'")
+    if not 1 <= options.roll_batch <= options.workers:
+        parser.error(f"--roll-batch must be from 1 to --workers ({options.workers})")
     logging.basicConfig(
         level=options.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -154,6 +163,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "graceful-restart-keeper
         fd_store=options.fd_store,
         control=options.control,
         workers=options.workers,
+        roll_batch=options.roll_batch,
     )
     try:
         return trio.run(keeper.run)

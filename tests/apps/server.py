@@ -19,6 +19,9 @@ Like a real deployment, what a new copy does is read at start-up from a *deploy 
 ``bug-in-restart``       this copy's first restart meets an unexpected error (an OSError,
                          as at the fd limit) right after its successor is ready
 ``stop-keeper-at-ready`` say ready, then send SIGTERM to the keeper at once
+``crash-at-second-start`` the first copy started with this deploy file serves; the
+                         second exits with status 3 before ready (the starts are
+                         counted in ``<deploy file>.starts``)
 
 The echo server also answers ``fill-fds`` (open fds until there are none left),
 ``free-fds``, ``close-unclaimed`` (``gr.close_unclaimed()``), ``restart-and-leave``
@@ -169,7 +172,7 @@ async def serve_late(gr: graceful_restart.GracefulRestart, port: int) -> None:
 
 def ready_with_a_pipe() -> None:
     """Make the library attach a pipe to its ready message, as a broken app might."""
-    import graceful_restart_trio._graceful_restart as story  # noqa: PLC0415 - a test's hack
+    import graceful_restart_trio._upstream as story  # noqa: PLC0415 - a test's hack
 
     original = vars(story)["send_ready"]
 
@@ -197,6 +200,14 @@ def bug_in_restart() -> None:
 
 
 BUGS: list[str] = []
+
+
+def count_start(deploy_file: str) -> int:
+    """This start's number among those with ``deploy_file`` (1 for the first)."""
+    starts = Path(f"{deploy_file}.starts")
+    with starts.open("a") as file:
+        file.write("x")
+    return len(starts.read_text())
 
 
 def start_helper(deploy_file: str) -> None:
@@ -235,6 +246,8 @@ if __name__ == "__main__":
         sys.exit(3)
     if behaviour == "helper-then-crash":
         start_helper(arguments.deploy_file)
+        sys.exit(3)
+    if behaviour == "crash-at-second-start" and count_start(arguments.deploy_file) == 2:
         sys.exit(3)
     if behaviour == "ready-with-a-pipe":
         ready_with_a_pipe()
