@@ -399,6 +399,41 @@ def test_socket_activation_then_reload_then_restart(machine: Machine, tmp_path: 
     assert state(machine, "app.socket")["ActiveState"] == "active"
 
 
+def answering(traffic: Load) -> set[int]:
+    return {pid for tally in traffic.tallies for pid in tally.pids}
+
+
+def test_socket_activation_with_two_workers(machine: Machine, tmp_path: Path) -> None:
+    """A socket-activated keeper with ``--workers 2``: both workers accept on systemd's
+    socket, and a reload rolls them under load."""
+    port = free_port()
+    machine.write_unit(
+        "app.socket",
+        f"[Unit]\nDefaultDependencies=no\n[Socket]\nListenStream=127.0.0.1:{port}\n"
+        "FileDescriptorName=web\nService=app.service\n",
+    )
+    keeper = "--probation 0.5 --workers 2"
+    machine.write_unit(UNIT, service(port, tmp_path, keeper=keeper, extra="Requires=app.socket"))
+    machine.systemctl("daemon-reload")
+    machine.systemctl("start", "app.socket")
+    traffic = load(port)  # the first request starts the service
+    with traffic:
+        wait_until(lambda: traffic.requests() > 20, f"the service to answer\n{machine.console()}")
+        both = wait_until(
+            lambda: answering(traffic) if len(answering(traffic)) == 2 else None,
+            "both workers to answer on systemd's socket",
+        )
+        machine.systemctl("reload", UNIT)
+        wait_until(
+            lambda: log(tmp_path).count("handed over from worker 1 ") == 1, "the roll to finish"
+        )
+        more_requests(traffic, "after the reload")
+    assert failures(traffic) == []
+    assert len(answering(traffic) - both) >= 2, "both new workers answered too"
+    machine.systemctl("stop", UNIT)
+    assert state(machine)["Result"] == "success", log(tmp_path) + machine.console()
+
+
 @pytest.mark.parametrize(
     "kill",
     [
@@ -456,13 +491,14 @@ def test_notify_reload_returns_once_the_successor_is_main(machine: Machine, tmp_
     assert state(machine)["ActiveState"] == "active"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_the_keeper_keeps_the_queue_across_systemctl_restart(
-    machine: Machine, tmp_path: Path
+    machine: Machine, tmp_path: Path, workers: int
 ) -> None:
-    """The keeper with the fd store: ``systemctl restart`` under load refuses nothing."""
-    port = start(
-        machine, tmp_path, keeper="--probation 0.5 --fd-store", extra="FileDescriptorStoreMax=4"
-    )
+    """The keeper with the fd store (and its workers): ``systemctl restart`` under load
+    refuses nothing."""
+    keeper = f"--probation 0.5 --fd-store --workers {workers}"
+    port = start(machine, tmp_path, keeper=keeper, extra="FileDescriptorStoreMax=4")
     main = machine.main_pid(UNIT)
     traffic = load(port)
     with traffic:
