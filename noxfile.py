@@ -53,20 +53,24 @@ def demo(session: nox.Session) -> None:
 
     ``nox -s demo -- --keeper`` runs it under the keeper (one stable pid, Ctrl-C works);
     ``-- --workers N`` runs N workers under the keeper, one per core (``auto``: one per
-    CPU). Other arguments go to the demo (default: ``--port 8000 --pid-file demo.pid``).
+    CPU). Under the keeper, ``demo.pid`` names the keeper and ``demo.control`` is its
+    control socket. Other arguments go to the demo (default: ``--port 8000``, and
+    ``--pid-file demo.pid`` without the keeper).
     """
     session.install("-e", ".[demo]")
     args, keeper = list(session.posargs), []
     if "--keeper" in args:
         args.remove("--keeper")
-        keeper = ["python", "-m", "graceful_restart_trio.keeper"]
+        keeper = ["--pid-file", "demo.pid", "--control", "demo.control"]
     if "--workers" in args:
         at = args.index("--workers")
-        keeper = ["python", "-m", "graceful_restart_trio.keeper", *args[at : at + 2]]
+        keeper = ["--pid-file", "demo.pid", "--control", "demo.control", *args[at : at + 2]]
         del args[at : at + 2]
     demo = ["python", "-m", "graceful_restart_trio.demo"]
-    demo += args or ["--port", "8000", "--pid-file", "demo.pid"]
-    session.run(*keeper, *(["--"] if keeper else []), *demo)
+    demo += args or ["--port", "8000", *([] if keeper else ["--pid-file", "demo.pid"])]
+    if keeper:
+        demo = ["python", "-m", "graceful_restart_trio.keeper", *keeper, "--", *demo]
+    session.run(*demo)
 
 
 @nox.session

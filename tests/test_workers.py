@@ -16,8 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ._load import HttpKeepAlive, HttpOneShot, start_clients
-from .conftest import SERVER, TIMEOUT, Server, children, http_get, wait_until
+from .conftest import SERVER, TIMEOUT, Server, children, http_get, open_fds, wait_until
 from .test_control import cli
 from .test_keeper import CAP, children_of, start_keeper
 
@@ -235,9 +237,10 @@ def test_a_worker_that_cannot_start_stops_the_others_at_the_first_start(
 
 
 def test_a_roll_batch_replaces_workers_together(start_server: StartServer, tmp_path: Path) -> None:
-    """``--roll-batch 2``: both new workers start before either commits."""
+    """``--workers 3 --roll-batch 2``: worker 0 alone (it binds any new listener), then
+    workers 1 and 2 together: both start before either commits."""
     control = tmp_path / "keeper-control.sock"
-    options = ["--workers", "2", "--roll-batch", "2", "--control", str(control)]
+    options = ["--workers", "3", "--roll-batch", "2", "--control", str(control)]
     server = start_keeper(start_server, tmp_path, keeper_options=[*options, "--probation", "0.3"])
     wait_until(control.exists, "the keeper's control socket")
     first = serving_workers(control, generation=1)
@@ -245,10 +248,83 @@ def test_a_roll_batch_replaces_workers_together(start_server: StartServer, tmp_p
     assert rolled.returncode == 0, rolled
     assert set(serving_workers(control, generation=2)).isdisjoint(first)
     phases = status(control)["last_restart"]["phases"]
-    assert phases["worker 1: spawned"] < phases["worker 0: committed"]
-    assert phases["worker 0: spawned"] < phases["worker 1: committed"]
+    assert phases["worker 0: committed"] <= phases["worker 1: spawned"]
+    assert phases["worker 2: spawned"] < phases["worker 1: committed"]
+    assert phases["worker 1: spawned"] < phases["worker 2: committed"]
     bad = cli("keeper", "--workers", "2", "--roll-batch", "3", "--", "true")
     assert bad.returncode == 2
     assert "--roll-batch must be from 1 to --workers (2)" in bad.stderr
     os.kill(server.first.pid, signal.SIGTERM)
     assert server.wait_exit(server.first.pid) == 0
+
+
+@pytest.mark.parametrize(("workers", "attempt"), [(1, 1), (2, 1), (2, 2), (2, 3)])
+def test_a_stop_right_after_a_restart_request_drains_and_exits_0(
+    start_server: StartServer, tmp_path: Path, workers: int, attempt: int
+) -> None:
+    """SIGHUP then SIGTERM at once: the roll is abandoned, and the keeper drains (it
+    once died here on an illegal state transition, about one time in two)."""
+    keeper_options = ["--workers", str(workers)]
+    server = start_keeper(start_server, tmp_path, keeper_options=keeper_options)
+    keeper = server.first.pid
+    wait_until(lambda: "serving with 1 listener(s)" in server.log(), "a worker to serve")
+    wait_until(lambda: len(children_of(keeper, zombies=False)) == workers, "every worker")
+    os.kill(keeper, signal.SIGHUP)
+    os.kill(keeper, signal.SIGTERM)
+    assert server.wait_exit(keeper) == 0, server.log()[-3000:]
+    assert children() == []
+
+
+def test_a_stop_soon_after_a_worker_crash_exits_0(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The crashed worker is replaced: its status is not the keeper's to report."""
+    server, _control, (_first, second) = start_workers(start_server, tmp_path)
+    keeper = server.first.pid
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: "exited by itself" in server.log(), "the crash to be seen")
+    os.kill(keeper, signal.SIGTERM)
+    assert server.wait_exit(keeper) == 0, server.log()[-3000:]
+    assert children() == []
+
+
+def test_when_no_worker_is_left_the_keeper_stops_with_its_status(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Both workers killed while every replacement would crash: nobody serves, so the
+    keeper stops (as one process would) rather than claim to serve."""
+    server, _control, (first, second) = start_workers(start_server, tmp_path)
+    keeper = server.first.pid
+    server.deploy("crash-at-import")
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: f"pid {first} exited by itself" in server.log(), "the first crash")
+    os.kill(second, signal.SIGKILL)
+    assert server.wait_exit(keeper) == 128 + signal.SIGKILL
+    assert f"the serving worker 1 generation 1 pid {second} exited by itself" in server.log()
+    assert children() == []
+
+
+def test_the_keepers_fds_do_not_grow(start_server: StartServer, tmp_path: Path) -> None:
+    """Rolls in batches, a failed roll and a crash replacement: the keeper holds as many
+    fds as before."""
+    control = tmp_path / "keeper-control.sock"
+    options = ["--workers", "2", "--roll-batch", "2", "--control", str(control)]
+    server = start_keeper(start_server, tmp_path, keeper_options=[*options, "--probation", "0.3"])
+    keeper = server.first.pid
+    wait_until(control.exists, "the keeper's control socket")
+    serving_workers(control, generation=1)
+    before = open_fds(keeper)
+    for generation in (2, 3):
+        assert cli("restart", "--control", str(control)).returncode == 0
+        pids = serving_workers(control, generation)
+    server.deploy("crash-at-import")
+    assert cli("restart", "--control", str(control)).returncode == 1
+    server.deploy("ok")
+    os.kill(pids[1], signal.SIGKILL)
+    wait_until(
+        lambda: status(control)["workers"][1]["pid"] not in (None, pids[1]), "the replacement"
+    )
+    wait_until(lambda: not status(control)["draining"], "the old workers to drain")
+    assert open_fds(keeper) == before
+    os.kill(keeper, signal.SIGTERM)
+    assert server.wait_exit(keeper) == 0

@@ -113,7 +113,7 @@ class KeeperStatistics:
     Attributes:
         state: where the keeper is in its life (the same :class:`State` table as a process).
         pid: the keeper's own pid, which never changes.
-        serving: the pid of the serving generation (of worker 0), or None.
+        serving: the pid of the serving generation (the first worker's that has one), or None.
         starting: the pid of a generation starting or on probation, or None.
         draining: the pids of older generations still running.
         generations: how many generations were started so far (one per restart).
@@ -217,10 +217,11 @@ class Keeper:
         serving = [worker.alive for worker in self._workers.slots]
         starting = [w.new for w in self._workers.slots if w.new]
         busy = {g.pid for g in serving + starting if g}
+        first = next((g for g in serving if g), None)
         return KeeperStatistics(
             state=self._machine.state,
             pid=self.pid,
-            serving=serving[0].pid if serving and serving[0] else None,
+            serving=first.pid if first else None,
             starting=starting[0].pid if starting else None,
             draining=tuple(pid for pid in self.live if pid not in busy),
             generations=self.generation,
@@ -301,8 +302,6 @@ class Keeper:
         if self.workers > 1:
             self._log.info("%d worker(s) serving%s", len(self._workers.alive()), failed)
 
-    # -- what a worker slot asks of the keeper (see _workers) -----------------------------
-
     def _take_over(self, new: Generation, ready: Listeners) -> None:
         """``new`` serves: hold the listeners it sent, for every generation after it."""
         self.held.take_over(ready)
@@ -314,8 +313,7 @@ class Keeper:
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._stop_requests += 1
-        again = self._stop_requests > 1
-        self._log.info("%s received%s: stopping", sig.name, " again" if again else "")
+        self._log.info("%s received%s: stopping", sig.name, " again" * (self._stop_requests > 1))
         self._begin_stop(f"{sig.name} received")
         self._pass_on(sig)
 
@@ -336,7 +334,9 @@ class Keeper:
         self._check_stopped()
 
     def _check_stopped(self) -> None:
-        if self._machine.state is State.DRAINING and not self.live:
+        """STOPPED once no generation is left, nor one about to be (being adopted)."""
+        busy = any(worker.restarts.under_way for worker in self._workers.slots)
+        if self._machine.state is State.DRAINING and not self.live and not busy:
             self._machine.advance(State.STOPPED)
             self._stopped.set()
 
@@ -406,7 +406,7 @@ class Keeper:
     def _control_status(self) -> Status:
         """What ``graceful-restart status`` shows (see ``_control``)."""
         stats = self.statistics()
-        serving = self._workers.slots[0].alive
+        serving = next(iter(self._workers.alive()), None)
         return Status(
             pid=stats.serving,
             main_pid=self.pid,  # what a stop waits for

@@ -108,10 +108,11 @@ class Status:
         """The status for a person: one line, then one line per detail."""
         keeper = f", under keeper {self.keeper}" if self.keeper else ""
         leases = "" if self.leases is None else f", {self.leases} lease(s) in flight"
-        lines = [
-            f"pid {self.pid}: {self.state}, generation {self.generation}"
-            f"{keeper}, up {self.uptime_s:.0f}s{leases}"
-        ]
+        if self.workers:  # the keeper speaks for them
+            head = f"keeper {self.keeper}: {self.state}, {len(self.workers)} workers"
+        else:
+            head = f"pid {self.pid}: {self.state}, generation {self.generation}{keeper}"
+        lines = [f"{head}, up {self.uptime_s:.0f}s{leases}"]
         if self.pid_file_error:
             lines.append(f"  pid file: {self.pid_file_error}")
         lines += [f"  listener {x.name}: {x.address}" for x in self.listeners]

@@ -9,13 +9,13 @@ told ``pause`` while the new one is on probation, then ``drain`` (or ``resume`` 
 new one died).
 
 :class:`Workers` are the keeper's restarts: a restart *rolls* the slots, replacing one
-after another (``--roll-batch K``: K at a time), so that the other workers serve
-throughout and K new copies start at a time (memory: N + K copies, plus old ones still
-draining). The first start is a roll too (the first slot binds the sockets, the others
-inherit them). A failure stops the roll: the slots not replaced yet serve on, and the
-restart's record names the worker and the reason. A restart asked for during a roll
-follows it. A worker whose generation exits by itself outside a restart is replaced
-(:meth:`Worker.exited`), after a back-off if it crash-loops.
+after another (``--roll-batch K``: the first alone, then K at a time), so that the other
+workers serve throughout and K new copies start at a time (memory: N + K copies, plus
+old ones still draining). The first start is a roll too (the first slot binds the
+sockets, the others inherit them). A failure stops the roll: the slots not replaced yet
+serve on, and the restart's record names the worker and the reason. A restart asked for
+during a roll follows it. A worker whose generation exits by itself outside a restart is
+replaced (:meth:`Worker.exited`), after a back-off if it crash-loops.
 """
 
 from __future__ import annotations
@@ -130,9 +130,11 @@ class Worker:
         """``gone`` served here and exited by itself. Alone (or before every worker ever
         served), it stops the keeper; among other workers, it is replaced: at once if it
         had served :data:`STABLE` seconds, else after a back-off that doubles."""
-        if self.keeper.workers == 1 or self.keeper.state is State.STARTING:
-            self.keeper._stop_by_itself(gone)
+        others = [g for g in self.keeper._workers.alive() if g is not gone]
+        if not others or self.keeper.state is State.STARTING:
+            self.keeper._stop_by_itself(gone)  # nobody serves: the service stopped
             return
+        self.serving = None  # it is replaced: its status is not the keeper's to report
         lived = time.monotonic() - self.since
         self.quick_exits = self.quick_exits + 1 if lived < STABLE else 0
         delay = min(BACKOFF_MAX, 0.5 * 2 ** (self.quick_exits - 1)) if self.quick_exits else 0.0
@@ -153,10 +155,14 @@ class Worker:
                 try:
                     await self.restarts.run(Timeline(f"worker {self.number} exited"))
                 except RestartError:
+                    if self.keeper.state in _STOPPING:
+                        return
                     delay = min(BACKOFF_MAX, max(1.0, 2 * delay))
                     self.log.error("worker %d: trying again in %gs", self.number, delay)  # noqa: TRY400 - logged
                 else:
                     return
+                finally:
+                    self.keeper._check_stopped()
 
     def accept_ready(self, line: bytes, fds: list[int]) -> Listeners:
         """Keep what a new generation sent with its ready, checked (see :class:`Launch`)."""
@@ -227,6 +233,8 @@ class Worker:
         new, old = self.new, self.old
         assert new is not None  # adopted when it paused the old one
         self.serving, self.since = new, time.monotonic()
+        if old is not None:  # a restart: a crash loop, if any, is over
+            self.quick_exits = 0
         self.old = self.new = None
         self.paused = False
         new.tell(MAIN)
@@ -242,7 +250,7 @@ class Worker:
         self.paused = False
         if self.keeper.state in _STOPPING:
             return  # stopping: every generation was told
-        self.log.error("generation %d: %s", self.keeper.generation, error)
+        self.log.error("%sgeneration %d: %s", self._where, self.keeper.generation, error)
         if old is None:  # nothing served in this slot: a first start, or a replacement
             if self.keeper.state is State.STARTING:  # the keeper exits as a shell would
                 self.keeper._start_failure = _shell_status(error)
@@ -349,6 +357,7 @@ class Workers:
             timeline.finish("refused", f"the keeper is {self.keeper.state.value}")
         else:
             self._scope = trio.CancelScope()
+            self.keeper._rolling(first)  # now: a stop in the same tick finds it restarting
             self.keeper._tasks().start_soon(self._roll, timeline, first)
 
     def abandon(self) -> bool:
@@ -360,11 +369,10 @@ class Workers:
 
     async def _roll(self, timeline: Timeline, first: bool) -> None:
         assert self._scope is not None
-        self.keeper._rolling(first)
         outcome, reason = "failed", "abandoned"
         try:
             with self._scope:
-                await self._replace_each(timeline, first)
+                await self._replace_each(timeline)
                 outcome = "committed"
         except RestartError as error:
             reason = str(error)
@@ -372,6 +380,10 @@ class Workers:
             self.log.exception("the restart failed unexpectedly")
             reason = f"unexpected error: {error!r}"
         self._scope = None
+        if len(self.slots) > 1:
+            timeline.details["workers"] = [
+                worker.alive and worker.alive.pid for worker in self.slots
+            ]
         timeline.finish(outcome, None if outcome == "committed" else reason)
         if not first:
             self.counts[timeline.outcome or outcome] += 1
@@ -382,19 +394,22 @@ class Workers:
             self.log.info("carrying out the restart asked for meanwhile")
             self.request(Timeline("SIGHUP"))
 
-    async def _replace_each(self, timeline: Timeline, first: bool) -> None:
-        """Replace (or start) the workers, :attr:`batch` at a time (one at a time at the
-        first start: the first binds the sockets the others inherit).
+    async def _replace_each(self, timeline: Timeline) -> None:
+        """Replace (or start) the first worker alone (it binds any listener the others
+        do not have yet, and they inherit it), then the others :attr:`batch` at a time.
 
         Raises:
             RestartError: a new generation failed; the roll stops after its batch.
         """
         self.rolled = 0
-        size = 1 if first else self.batch
-        for start in range(0, len(self.slots), size):
+        rest = self.slots[1:]
+        batches = [self.slots[:1]] + [
+            rest[at : at + self.batch] for at in range(0, len(rest), self.batch)
+        ]
+        for batch in batches:
             failures: list[str] = []
             async with trio.open_nursery() as nursery:
-                for worker in self.slots[start : start + size]:
+                for worker in batch:
                     nursery.start_soon(self._replace, worker, timeline, failures)
             if failures:
                 raise RestartError("; ".join(failures))
@@ -409,3 +424,5 @@ class Workers:
                 failures.append(str(error) if alone else f"worker {worker.number}: {error}")
             else:
                 self.rolled += 1
+            finally:
+                self.keeper._check_stopped()

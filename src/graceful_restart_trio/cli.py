@@ -140,7 +140,10 @@ def _restart(options: argparse.Namespace, out: TextIO) -> int:
     for event in _ask(options.control, {"command": "restart"}, options.timeout):
         if "result" in event:
             if event["result"] == "ok":
-                print(f"restarted: pid {event.get('successor')} serves", file=out)
+                pids = ", ".join(str(pid) for pid in event.get("workers") or ())
+                serving = f"workers serve as pids {pids}" if pids else ""
+                single = f"pid {event.get('successor')} serves"
+                print(f"restarted: {serving or single}", file=out)
                 return 0
             print(f"restart failed: {event.get('reason')}", file=out)
             for line in event.get("stderr_tail") or []:
