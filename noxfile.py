@@ -95,7 +95,7 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks (ratios against baselines measured in the same run)."""
     session.install("-e", ".[hypercorn]", "h11", "httpx[http2]", "starlette")
     scripts = ["lease_micro", "import_time", "server_throughput", "restart_under_load"]
-    for script in [*scripts, "probation_cost", "http_restarts"]:
+    for script in [*scripts, "probation_cost", "http_restarts", "socket_sharing"]:
         session.run("python", f"benchmarks/{script}.py", *session.posargs)
     session.run("python", "benchmarks/server_throughput.py", "--pair", "asgi", *session.posargs)
     # The HTTP/1.1 paths side by side under wrk (a Debian package); see benchmarks/README.md.
@@ -104,3 +104,5 @@ def bench(session: nox.Session) -> None:
     else:
         compare = ["--compare", "http1", *session.posargs]
         session.run("python", "benchmarks/server_throughput.py", *compare)
+        # The keeper's --workers: throughput N=2/N=1, rolls under load, balance.
+        session.run("python", "benchmarks/workers.py", *session.posargs)
