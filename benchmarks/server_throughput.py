@@ -104,9 +104,10 @@ def read_port(proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> int:
     raise BenchmarkError(f"the server did not print its port:\n{stderr.read().decode()[-2000:]}")
 
 
-def check_hello(port: int) -> None:
-    """One request by hand: the server answers 200 "hello" (retried while refused)."""
-    deadline = time.monotonic() + START_TIMEOUT
+def check_hello(port: int, timeout: float = START_TIMEOUT) -> None:
+    """One request by hand: the server answers 200 "hello" (retried while it cannot
+    connect, at most ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
     while True:
         conn = http.client.HTTPConnection(HOST, port, timeout=5)
         try:
@@ -114,7 +115,7 @@ def check_hello(port: int) -> None:
             response = conn.getresponse()
             body = response.read()
             break
-        except ConnectionRefusedError:
+        except ConnectionError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

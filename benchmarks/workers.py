@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import re
@@ -92,6 +91,7 @@ from _common import (
     summary,
     write_json,
 )
+from server_throughput import BenchmarkError, check_hello
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -120,10 +120,6 @@ done = function(summary, latency, requests)
 end
 """
 """wrk script: count the answers by the pid in their ``x-pid`` header."""
-
-
-class BenchmarkError(Exception):
-    """A server or the load generator misbehaved."""
 
 
 def progress(*parts: object) -> None:
@@ -251,26 +247,6 @@ def ask_status(control: Path) -> dict[str, Any]:
     return status
 
 
-def check_hello(port: int) -> None:
-    """One ``GET /`` answered 200 ``hello`` (retried while refused, bounded)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        conn = http.client.HTTPConnection(HOST, port, timeout=5)
-        try:
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            body = response.read()
-            break
-        except ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-        finally:
-            conn.close()
-    if response.status != 200 or body != b"hello":
-        raise BenchmarkError(f"unexpected answer {response.status} {body!r}")
-
-
 @dataclass
 class Service:
     """A running server: its main process, its port, how to find its workers."""
@@ -385,7 +361,7 @@ def running(
         if control is not None:
             address = ask_status(control)["listeners"][0]["address"]
             service.port = int(address.rpartition(":")[2])
-        check_hello(service.port)
+        check_hello(service.port, START_TIMEOUT)
         service.tree()
         yield service
     finally:
