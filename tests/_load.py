@@ -20,6 +20,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -158,13 +159,21 @@ class Httpx(Client):
         super().__init__(name, port, stop, cap)
         self.client: httpx.Client | None = None
         self.versions: Counter[str] = Counter()
+        self.answered_at = time.monotonic()
 
     def once(self) -> int:
         if self.client is None:
             self.client = httpx.Client(
                 http1=not self.http2, http2=self.http2, timeout=CLIENT_TIMEOUT, verify=self.verify
             )
-        response = self.client.get(f"{self.base}://127.0.0.1:{self.port}{self.path}")
+        try:
+            response = self.client.get(f"{self.base}://127.0.0.1:{self.port}{self.path}")
+        except httpx.RemoteProtocolError as error:  # say how long the connection was idle
+            since = (time.monotonic() - self.answered_at) * 1000
+            raise httpx.RemoteProtocolError(
+                f"{error} ({since:.0f} ms after the last answer)"
+            ) from error
+        self.answered_at = time.monotonic()
         body = response.text
         if response.status_code != 200 or not body.startswith("hello from pid "):
             raise AssertionError(f"unexpected answer: {response.status_code} {body!r}")

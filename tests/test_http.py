@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import re
 import signal
 import socket
 import ssl
@@ -27,6 +28,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 import graceful_restart_trio as graceful_restart
 from graceful_restart_trio import asgi
+from graceful_restart_trio._http_connection import H1_QUIET
 from graceful_restart_trio._hypercorn import Config, LifespanFailureError, check_version
 
 from ._h2 import H2Load
@@ -81,6 +83,15 @@ def failures(clients: list[Client]) -> list[str]:
     return [failure for client in clients for failure in client.tally.failures]
 
 
+def idle_close_race(failure: str) -> bool:
+    """The cost of the default ``idle_close="prompt"`` (see the guide): an HTTP/1.1
+    request sent on a connection just as the old copy closes it, having found it idle for
+    ``H1_QUIET``, which needs the client to have sent nothing for that long (a client
+    thread stalled on a busy machine)."""
+    found = re.search(r"Server disconnected without sending a response\. \((\d+) ms after", failure)
+    return found is not None and int(found.group(1)) >= H1_QUIET * 1000
+
+
 class SlowHttpx(Httpx):
     path = "/sleep?seconds=0.2"
 
@@ -108,7 +119,9 @@ def test_http1_h2c_and_a_spec_following_h2_client_lose_nothing_across_restarts(
         wait_until(lambda: h2.pids[str(pids[-1])] > 5, "h2 requests to the last copy")
         stop.set()
         h2.join(TIMEOUT)
-    assert not failures(load.clients)
+    lost = failures(load.clients)
+    assert [f for f in lost if not idle_close_race(f)] == []
+    assert len(lost) <= 1, lost  # at most one such race in three restarts
     assert not h2.failures, h2.failures
     assert h2.goaways >= 1  # each connection it had on an old copy was sent away
     assert set(h2.pids) <= {str(pid) for pid in pids}

@@ -230,7 +230,9 @@ def test_an_unexpected_error_in_the_keepers_restart_leaves_the_old_generation_se
     assert echo_line(server.port, b"hello\n") == f"{old} hello\n"
     server.signal(signal.SIGHUP, keeper)
     new = server.wait_serving(other_than=old)
-    assert last_restart(pid_file)["outcome"] == "committed"  # type: ignore[index]
+    # The keeper records the restart once it is over: a moment after the new generation
+    # hears it is in charge (and writes the application's pid file).
+    wait_until(lambda: (last_restart(pid_file) or {}).get("outcome") == "committed", "the record")
     assert echo_line(server.port, b"hello\n") == f"{new} hello\n"
     server.signal(signal.SIGTERM, keeper)
     assert server.wait_exit(keeper) == 0
