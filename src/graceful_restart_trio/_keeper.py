@@ -96,7 +96,7 @@ from ._systemd import (
 from ._timeline import Timeline
 from ._workers import Worker, Workers
 
-__all__ = ["STOP_GRACE", "Generation", "Keeper", "KeeperStatistics"]
+__all__ = ["LOGGER", "STOP_GRACE", "Keeper", "KeeperStatistics"]
 
 LOGGER = "graceful_restart_trio.keeper"
 
