@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -54,10 +55,10 @@ def start(start_server: StartServer, tmp_path: Path, *args: str) -> tuple[Server
     return server, control, pid
 
 
-def status(control: Path) -> dict[str, object]:
+def status(control: Path) -> dict[str, Any]:
     answer = cli("status", "--control", str(control), "--json")
     assert answer.returncode == 0, answer
-    result: dict[str, object] = json.loads(answer.stdout)
+    result: dict[str, Any] = json.loads(answer.stdout)
     return result
 
 

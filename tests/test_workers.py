@@ -14,13 +14,12 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ._load import HttpKeepAlive, HttpOneShot, start_clients
 from .conftest import SERVER, TIMEOUT, Server, children, http_get, open_fds, wait_until
-from .test_control import cli
+from .test_control import cli, status
 from .test_keeper import CAP, children_of, start_keeper
 
 StartServer = Callable[..., Server]
@@ -38,15 +37,6 @@ def start_workers(
     server = start_keeper(start_server, tmp_path, *args, keeper_options=options)
     wait_until(control.exists, "the keeper's control socket")
     return server, control, serving_workers(control, generation=1)
-
-
-def status(control: Path) -> dict[str, Any]:
-    answer = cli("status", "--control", str(control), "--json")
-    assert answer.returncode == 0, answer
-    import json  # noqa: PLC0415 - only here
-
-    result: dict[str, Any] = json.loads(answer.stdout)
-    return result
 
 
 def serving_workers(control: Path, generation: int) -> list[int]:

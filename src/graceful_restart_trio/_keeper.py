@@ -48,10 +48,11 @@ The duties of any PID 1 or subreaper (adopting orphans, reaping, which signals t
 on, the exit code) are ``_reaper``'s; this module says what they mean for generations.
 
 The keeper goes through the same :class:`State` table as an application process
-(``_state``): ``STARTING``, ``SERVING`` once generation 1 is ready, ``RESTARTING`` while a
-new generation starts, ``PROBATION`` while it is watched, ``DRAINING`` once it stops (a
-stop signal, or the serving generation exited by itself, or generation 1 never became
-ready) until every generation has exited, then ``STOPPED``.
+(``_state``): ``STARTING``, ``SERVING`` once every worker of generation 1 is ready,
+``RESTARTING`` while a restart (a roll) is under way, from its request to its outcome
+(each worker slot shows its own probation), ``DRAINING`` once it stops (a stop signal,
+or the last serving generation exited by itself, or generation 1 never became ready)
+until every generation has exited, then ``STOPPED``.
 
 The application is unchanged under a keeper: the library notices ``"keeper"`` in what it
 inherits, says ready with its sockets, follows ``pause``/``resume``/``drain``, and passes
